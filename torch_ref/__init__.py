@@ -1,0 +1,2 @@
+"""PyTorch references for jaxconv: the same ops, layers and models, with state_dict keys
+identical to torchvision 0.28 / timm 1.0. Imports nothing of jaxconv."""
