@@ -1,8 +1,9 @@
-"""Parity runs at full fp32 matmul precision on both sides (DESIGN.md, Precision)."""
-import jax
-import pytest
+"""Parity runs at full fp32 matmul precision on both sides (DESIGN.md, Precision).
 
-torch = pytest.importorskip("torch", reason="parity tests need the [torch] extra")
+torch is imported unconditionally: without it the parity suite must fail, never skip.
+"""
+import jax
+import torch
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cudnn.allow_tf32 = False
