@@ -1,0 +1,164 @@
+"""2-D convolution and transposed convolution with torch.nn.functional semantics on NHWC / HWIO.
+
+Every torch variant is `conv2d` with some arguments: pointwise (1x1 kernel), grouped (`groups`),
+depthwise (`groups == in_channels`, out = in x depth multiplier), dilated (`dilation`) and
+asymmetric (1xk / kx1 kernels) convolutions.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv.ops._args import check_rank, pair
+
+Pad = tuple[tuple[int, int], tuple[int, int]]
+_DIMS = ("NHWC", "HWIO", "NHWC")
+_PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def conv_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int]) -> Pad:
+    """torch's `padding` argument (int, pair, 'same', 'valid') as explicit ((top, bottom), (left, right))."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return ((0, 0), (0, 0))
+        if padding != "same":
+            raise ValueError(f"padding: expected an int, a pair, 'same' or 'valid', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding: 'same' needs stride 1 (as in torch), got stride={stride}")
+        extent = tuple(d * (k - 1) for k, d in zip(kernel_size, dilation))
+        if any(e % 2 for e in extent):
+            raise ValueError(
+                "padding: 'same' needs an odd effective kernel size (dilation*(kernel-1)+1) so that "
+                f"padding is symmetric, got kernel_size={kernel_size}, dilation={dilation}")
+        return tuple((e // 2, e // 2) for e in extent)
+    ph, pw = pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding: expected non-negative values, got {padding!r}")
+    return ((ph, ph), (pw, pw))
+
+
+def pad_input(x, pads: Pad, padding_mode: str):
+    """Pad the H and W axes of NHWC `x` like torch's non-zero padding modes."""
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"padding_mode: expected one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
+    mode = _PAD_MODES[padding_mode]
+    if mode is None or not any(p for side in pads for p in side):
+        return x
+    for axis, (lo, hi) in zip((1, 2), pads):
+        size = x.shape[axis]
+        limit = size - 1 if mode == "reflect" else size if mode == "wrap" else None
+        if limit is not None and max(lo, hi) > limit:
+            raise ValueError(
+                f"padding: {padding_mode} padding of {max(lo, hi)} needs an input dimension of at "
+                f"least {max(lo, hi) + (mode == 'reflect')}, got size {size} on axis {axis} (NHWC)")
+    return jnp.pad(x, ((0, 0), *pads, (0, 0)), mode=mode)
+
+
+def _groups(groups) -> int:
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups: expected a positive int, got {groups!r}")
+    return int(groups)
+
+
+def _check_output_size(in_hw: Sequence[int], out_hw: Sequence[int], what: str) -> None:
+    if min(out_hw) < 1:
+        raise ValueError(f"padding: {what} gives an empty output {tuple(out_hw)} for input size "
+                         f"{tuple(in_hw)}; the kernel is larger than the padded input")
+
+
+def _accumulation(dtype):
+    """Low-precision inputs accumulate in float32 (what cuDNN and torch autocast do)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _add_bias(y, bias, channels: int):
+    if bias is None:
+        return y
+    if bias.shape != (channels,):
+        raise ValueError(f"bias: expected shape ({channels},), got {tuple(bias.shape)}")
+    return y + bias.astype(y.dtype)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+           padding_mode: str = "zeros"):
+    """torch.nn.functional.conv2d on NHWC `x` with HWIO `weight` of shape (kh, kw, C_in/groups, C_out).
+
+    `padding` is an int, a pair, 'same' (stride 1, symmetric) or 'valid'; `padding_mode` is torch's
+    zeros / reflect / replicate / circular.
+    """
+    check_rank(x, 4, "x", "NHWC")
+    check_rank(weight, 4, "weight", "HWIO: (kh, kw, C_in/groups, C_out)")
+    kh, kw, cin_per_group, cout = weight.shape
+    stride = pair(stride, "stride", minimum=1)
+    dilation = pair(dilation, "dilation", minimum=1)
+    groups = _groups(groups)
+    cin = x.shape[-1]
+    if cin % groups or cout % groups:
+        raise ValueError(f"groups: input channels ({cin}) and output channels ({cout}) must both be "
+                         f"divisible by groups={groups}")
+    if cin != cin_per_group * groups:
+        raise ValueError(
+            f"x: expected {cin_per_group * groups} channels on the last axis (NHWC; weight has "
+            f"{cin_per_group} input channels per group x groups={groups}), got {cin} in shape "
+            f"{tuple(x.shape)}; an NCHW input shows up this way")
+    pads = conv_padding(padding, (kh, kw), stride, dilation)
+    if padding_mode != "zeros":
+        x, pads = pad_input(x, pads, padding_mode), ((0, 0), (0, 0))
+    in_hw = x.shape[1:3]
+    out_hw = [(n + lo + hi - d * (k - 1) - 1) // s + 1
+              for n, (lo, hi), k, d, s in zip(in_hw, pads, (kh, kw), dilation, stride)]
+    _check_output_size(in_hw, out_hw, f"kernel_size={(kh, kw)}, dilation={dilation}, padding={pads}")
+    dtype = jnp.result_type(x, weight)
+    y = lax.conv_general_dilated(
+        x.astype(dtype), weight.astype(dtype), window_strides=stride, padding=pads,
+        rhs_dilation=dilation, dimension_numbers=_DIMS, feature_group_count=groups,
+        preferred_element_type=_accumulation(dtype))
+    return _add_bias(y.astype(dtype), bias, cout)
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """torch.nn.functional.conv_transpose2d on NHWC `x`.
+
+    `weight` has shape (kh, kw, C_out/groups, C_in): the HWIO kernel of the convolution
+    C_out -> C_in whose adjoint this is, i.e. torch's (C_in, C_out/groups, kh, kw) weight under
+    the same OIHW -> HWIO transpose as a regular conv.
+    """
+    check_rank(x, 4, "x", "NHWC")
+    check_rank(weight, 4, "weight", "(kh, kw, C_out/groups, C_in)")
+    kh, kw, cout_per_group, cin = weight.shape
+    stride = pair(stride, "stride", minimum=1)
+    dilation = pair(dilation, "dilation", minimum=1)
+    padding = pair(padding, "padding", minimum=0)
+    output_padding = pair(output_padding, "output_padding", minimum=0)
+    groups = _groups(groups)
+    if x.shape[-1] != cin:
+        raise ValueError(f"x: expected {cin} channels on the last axis (NHWC, weight's last axis), "
+                         f"got {x.shape[-1]} in shape {tuple(x.shape)}; an NCHW input shows up this way")
+    if cin % groups:
+        raise ValueError(f"groups: input channels ({cin}) must be divisible by groups={groups}")
+    for op, s, d in zip(output_padding, stride, dilation):
+        if op >= max(s, d):
+            raise ValueError(f"output_padding: expected values smaller than stride or dilation "
+                             f"({stride}, {dilation}), got {output_padding}")
+    in_hw = x.shape[1:3]
+    out_hw = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op
+              in zip(in_hw, stride, padding, dilation, (kh, kw), output_padding)]
+    _check_output_size(in_hw, out_hw, f"padding={padding} with kernel_size={(kh, kw)}")
+    # The adjoint of a strided conv is a conv over the stride-dilated input with the kernel
+    # flipped and its in/out roles swapped within each group.
+    cin_per_group = cin // groups
+    w = weight[::-1, ::-1].reshape(kh, kw, cout_per_group, groups, cin_per_group)
+    w = w.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cin_per_group, groups * cout_per_group)
+    pads = [(d * (k - 1) - p, d * (k - 1) - p + op)
+            for k, d, p, op in zip((kh, kw), dilation, padding, output_padding)]
+    dtype = jnp.result_type(x, weight)
+    y = lax.conv_general_dilated(
+        x.astype(dtype), w.astype(dtype), window_strides=(1, 1), padding=pads,
+        lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMS,
+        feature_group_count=groups, preferred_element_type=_accumulation(dtype))
+    return _add_bias(y.astype(dtype), bias, groups * cout_per_group)

@@ -1,0 +1,106 @@
+"""Pooling with torch's semantics on NHWC: ceil_mode, count_include_pad, -inf max padding, and
+adaptive average pooling with torch's uneven windows."""
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv.ops._args import check_rank, pair
+
+
+def _window(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Validate torch pooling arguments; return (kernel, stride, dilation, pads, out_hw).
+
+    pads are explicit (lo, hi) per spatial axis: lo = padding, hi = what the last window needs
+    (torch's output size rule, with ceil_mode's extra partial window that must start inside the
+    left-padded input).
+    """
+    check_rank(x, 4, "x", "NHWC")
+    k = pair(kernel_size, "kernel_size", minimum=1)
+    s = k if stride is None or stride == () else pair(stride, "stride", minimum=1)
+    p = pair(padding, "padding", minimum=0)
+    d = pair(dilation, "dilation", minimum=1)
+    if any(pi > ki // 2 for pi, ki in zip(p, k)):
+        raise ValueError(f"padding: expected at most half the kernel size {k} (as torch), got {p}")
+    pads, out_hw = [], []
+    for n, ki, si, pi, di in zip(x.shape[1:3], k, s, p, d):
+        span = n + 2 * pi - di * (ki - 1) - 1
+        if span < 0:
+            raise ValueError(f"kernel_size: window {ki} (dilation {di}) is larger than the padded "
+                             f"input {n + 2 * pi} (input {n}, padding {pi})")
+        out = (span + (si - 1 if ceil_mode else 0)) // si + 1
+        if ceil_mode and (out - 1) * si >= n + pi:
+            out -= 1
+        pads.append((pi, max((out - 1) * si + di * (ki - 1) + 1 - n - pi, 0)))
+        out_hw.append(out)
+    return k, s, d, tuple(pads), tuple(out_hw)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """torch.nn.functional.max_pool2d on NHWC `x` (padding counts as -inf)."""
+    k, s, d, pads, out_hw = _window(x, kernel_size, stride, padding, dilation, ceil_mode)
+    init = jnp.array(-jnp.inf, x.dtype)
+    y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)),
+                          window_dilation=(1, *d, 1))
+    return y[:, :out_hw[0], :out_hw[1]]
+
+
+def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
+                 count_include_pad: bool) -> np.ndarray:
+    """How many elements torch divides by in each window along one axis.
+
+    torch counts the symmetric padding (when count_include_pad) but never the extra right
+    padding that ceil_mode adds.
+    """
+    lo, hi = pad
+    inside = np.zeros(size + lo + hi)
+    inside[lo:lo + size] = 1
+    if count_include_pad:
+        inside[:2 * lo + size] = 1
+    return np.array([inside[i * s:i * s + k].sum() for i in range(out)])
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """torch.nn.functional.avg_pool2d on NHWC `x`; low precision inputs are summed in float32."""
+    k, s, _, pads, out_hw = _window(x, kernel_size, stride, padding, 1, ceil_mode)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    total = lax.reduce_window(x.astype(acc), jnp.array(0, acc), lax.add, (1, *k, 1), (1, *s, 1),
+                              ((0, 0), *pads, (0, 0)))[:, :out_hw[0], :out_hw[1]]
+    if divisor_override is not None:
+        if not isinstance(divisor_override, int) or divisor_override < 1:
+            raise ValueError(f"divisor_override: expected a positive int, got {divisor_override!r}")
+        return (total / divisor_override).astype(x.dtype)
+    counts = [_pool_counts(n, ki, si, pi, o, count_include_pad)
+              for n, ki, si, pi, o in zip(x.shape[1:3], k, s, pads, out_hw)]
+    divisor = np.outer(*counts)[None, :, :, None]
+    return (total / divisor.astype(acc)).astype(x.dtype)
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix over torch's windows [floor(i*size/out), ceil((i+1)*size/out))."""
+    m = np.zeros((out, size))
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def adaptive_avg_pool2d(x, output_size):
+    """torch.nn.functional.adaptive_avg_pool2d on NHWC `x`; `output_size` entries may be None
+    (keep that dimension). Windows may overlap and differ in size, exactly as in torch."""
+    check_rank(x, 4, "x", "NHWC")
+    n, h, w, c = x.shape
+    if isinstance(output_size, (tuple, list)) and len(output_size) == 2:
+        output_size = tuple(size if o is None else o for o, size in zip(output_size, (h, w)))
+    oh, ow = pair(output_size, "output_size", minimum=1)
+    if h % oh == 0 and w % ow == 0:  # equal windows: a plain reshape-mean
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        y = x.astype(acc).reshape(n, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+        return y.astype(x.dtype)
+    mh = jnp.asarray(_adaptive_matrix(h, oh), jnp.float32)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), jnp.float32)
+    y = jnp.einsum("nhwc,ph,qw->npqc", x.astype(jnp.promote_types(x.dtype, jnp.float32)), mh, mw,
+                   precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
