@@ -1,0 +1,54 @@
+"""BatchNorm2d with torch's defaults and statistics, on NHWC input."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class BatchNorm2d(nnx.Module):
+    """torch.nn.BatchNorm2d over the last (channel) axis.
+
+    Parameters `scale`, `bias`; running statistics `mean`, `var` (torch: weight, bias,
+    running_mean, running_var). `momentum` keeps torch's meaning: running = (1 - m) * running
+    + m * batch, i.e. nnx.BatchNorm(momentum=1 - m); the running variance takes the unbiased
+    batch variance while normalisation uses the biased one, as in torch. Statistics are computed
+    in float32 whatever the compute dtype. `model.eval()` switches to the running statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum: expected a float in [0, 1] (torch's meaning), got {momentum!r}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones(num_features, param_dtype)) if affine else None
+        self.bias = nnx.Param(jnp.zeros(num_features, param_dtype)) if affine else None
+        self.mean = nnx.BatchStat(jnp.zeros(num_features, jnp.float32)) if track_running_stats else None
+        self.var = nnx.BatchStat(jnp.ones(num_features, jnp.float32)) if track_running_stats else None
+        self.use_running_average = False
+
+    def __call__(self, x):
+        if x.ndim != 4 or x.shape[-1] != self.num_features:
+            raise ValueError(f"x: expected NHWC input with {self.num_features} channels on the last "
+                             f"axis, got shape {tuple(x.shape)}")
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average and self.mean is not None:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.shape[0] * x.shape[1] * x.shape[2]
+            if n < 2:
+                raise ValueError(f"x: training BatchNorm2d needs more than 1 value per channel "
+                                 f"(as torch), got shape {tuple(x.shape)}")
+            mean = xf.mean(axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
+            if self.mean is not None:
+                m = self.momentum
+                batch_mean, batch_var = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
+                self.mean[...] = (1 - m) * self.mean[...] + m * batch_mean
+                self.var[...] = (1 - m) * self.var[...] + m * batch_var
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype or x.dtype)
