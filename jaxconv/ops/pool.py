@@ -41,9 +41,15 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     """torch.nn.functional.max_pool2d on NHWC `x` (padding counts as -inf)."""
     k, s, d, pads, out_hw = _window(x, kernel_size, stride, padding, dilation, ceil_mode)
     init = jnp.array(-jnp.inf, x.dtype)
-    y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)),
-                          window_dilation=(1, *d, 1))
-    return y[:, :out_hw[0], :out_hw[1]]
+    if d == (1, 1):
+        y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
+        return y[:, :out_hw[0], :out_hw[1]]
+    # XLA has no gradient for dilated max windows: take the max over the k_h * k_w strided taps.
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=init)
+    taps = [xp[:, i * d[0]:i * d[0] + (out_hw[0] - 1) * s[0] + 1:s[0],
+               j * d[1]:j * d[1] + (out_hw[1] - 1) * s[1] + 1:s[1]]
+            for i in range(k[0]) for j in range(k[1])]
+    return jnp.max(jnp.stack(taps), axis=0)
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
