@@ -58,7 +58,7 @@ def _flatten_reorder(model) -> Mapping[str, tuple[int, int, int]]:
 def torch_items(model) -> dict[str, tuple[tuple, nnx.Variable]]:
     """{torch key: (NNX path, variable)} for every parameter and batch statistic of `model`."""
     items = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param, nnx.BatchStat)):
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
         name = path[-1]
         if name not in RULES:
             raise ConversionError(f"model: no conversion rule for parameter {'.'.join(map(str, path))}")
