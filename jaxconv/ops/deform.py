@@ -1,0 +1,415 @@
+"""Deformable convolution v1 and modulated v2 (DCNv2) on NHWC / HWIO.
+
+`deform_conv2d` computes what `torchvision.ops.deform_conv2d` computes, with channels last:
+
+    out[n, oy, ox, o] = bias[o] + sum_{k=(i,j), c in group(o)} weight[i, j, c', o]
+                        * mask[n, oy, ox, g(c)*kh*kw + k] * bilinear(x[n, :, :, c], y, x)
+    y = oy*stride_h - pad_h + i*dilation_h + offset[n, oy, ox, g(c)*2*kh*kw + 2k]
+    x = ox*stride_w - pad_w + j*dilation_w + offset[n, oy, ox, g(c)*2*kh*kw + 2k + 1]
+
+where g(c) = c // (C_in / offset_groups) is the offset group of input channel c (contiguous
+blocks), k = i*kw + j, and `bilinear` reads 0 for every corner outside the image (a point with
+y <= -1, y >= H, x <= -1 or x >= W therefore reads 0). Padding only shifts coordinates.
+
+Implementation: the output pixels N*H_out*W_out are processed in chunks (`lax.map` / `lax.scan`).
+Per chunk, the four bilinear corners of every (pixel, tap, offset group) are gathered as rows of
+C_in/offset_groups contiguous channels from x viewed as (N*H*W*offset_groups, C_in/offset_groups),
+blended into columns (pixels, kh*kw*C_in) and contracted with the kernel. A `custom_vjp`
+recomputes the columns chunk by chunk in the backward pass (nothing of size "columns" is stored
+between the passes) and scatter-adds the input gradient into the four corners.
+
+Gradients follow torchvision's kernel exactly: the derivative with respect to a sample coordinate
+is the derivative of the bilinear formula on the cell [floor(y), floor(y) + 1), i.e. the right
+derivative at integer coordinates, including y = -1 exactly (where the value is 0 but the right
+derivative is not). This is what autodiff of the per-corner formula gives, and the tests prove
+the custom VJP equal to it.
+
+Memory: a chunk holds at most `chunk_elements` column entries (default `DEFAULT_CHUNK_ELEMENTS`,
+2**22, i.e. 16 MiB of float32 columns); the working set of one chunk is about ten times that
+(the four gathered corners, their gradient updates, the columns and their gradient), ~160 MiB,
+independent of the batch size.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv.ops._args import check_rank, pair
+
+__all__ = ["deform_conv2d", "DEFAULT_CHUNK_ELEMENTS", "deform_output_size"]
+
+#: Column entries (pixels * kh*kw * C_in) per chunk. 2**22 -> 16 MiB of float32 columns per chunk.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+class _Geo(NamedTuple):
+    """Static shapes and arguments of one call (hashable: it is a `nondiff_argnum`)."""
+    N: int
+    H: int
+    W: int
+    C: int          # input channels
+    G: int          # offset groups
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    dh: int
+    dw: int
+    Ho: int
+    Wo: int
+    groups: int     # weight groups
+    Cout: int
+    chunk: int      # pixels per chunk
+    n_chunks: int
+    out_dtype: str
+    coord_dtype: str
+
+    @property
+    def K(self):
+        return self.kh * self.kw
+
+    @property
+    def Cg(self):
+        return self.C // self.G
+
+
+def deform_output_size(in_hw, kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+    """Output (H_out, W_out) of a (deformable) convolution, as torch computes it."""
+    kh, kw = pair(kernel_size, "kernel_size", minimum=1)
+    sh, sw = pair(stride, "stride", minimum=1)
+    ph, pw = pair(padding, "padding", minimum=0)
+    dh, dw = pair(dilation, "dilation", minimum=1)
+    return ((in_hw[0] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (in_hw[1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling geometry, shared by the forward and the backward pass.
+
+def _sample_points(geo: _Geo, offset_c, pix):
+    """Bilinear corners of every (pixel, tap, offset group) of one chunk.
+
+    offset_c: (P, K, G, 2) offsets (dy, dx) in the coordinate dtype; pix: (P,) global pixel ids.
+    Returns four corners, (y0,x0), (y0,x1), (y1,x0), (y1,x1), each a tuple
+    (rows, w, dw_dy, dw_dx) of (P, K, G) arrays: int32 rows into x viewed as (N*H*W*G, C/G),
+    the bilinear weight (zero for a corner outside the image and for chunk padding past the last
+    pixel) and its derivatives with respect to the sample coordinates.
+    """
+    cdt = offset_c.dtype
+    hw_out = geo.Ho * geo.Wo
+    n = pix // hw_out
+    oy = (pix % hw_out) // geo.Wo
+    ox = pix % geo.Wo
+    live = (n < geo.N)[:, None, None]                  # chunk padding past the last pixel
+    n = jnp.minimum(n, geo.N - 1)[:, None, None]
+    tap = jnp.arange(geo.K)
+    base_y = oy[:, None] * geo.sh - geo.ph + (tap // geo.kw)[None, :] * geo.dh     # (P, K) int
+    base_x = ox[:, None] * geo.sw - geo.pw + (tap % geo.kw)[None, :] * geo.dw
+    y = base_y[:, :, None].astype(cdt) + offset_c[..., 0]                         # (P, K, G)
+    x = base_x[:, :, None].astype(cdt) + offset_c[..., 1]
+
+    y0 = jnp.floor(y)
+    x0 = jnp.floor(x)
+    ly = y - y0
+    lx = x - x0
+    hy = 1 - ly
+    hx = 1 - lx
+    # Corner validity from the float floor (no int overflow for far-away points).
+    vy = ((y0 >= 0) & (y0 <= geo.H - 1), (y0 >= -1) & (y0 <= geo.H - 2))
+    vx = ((x0 >= 0) & (x0 <= geo.W - 1), (x0 >= -1) & (x0 <= geo.W - 2))
+    yi = jnp.clip(y0, -1, geo.H).astype(jnp.int32)
+    xi = jnp.clip(x0, -1, geo.W).astype(jnp.int32)
+    ys = (jnp.clip(yi, 0, geo.H - 1), jnp.clip(yi + 1, 0, geo.H - 1))
+    xs = (jnp.clip(xi, 0, geo.W - 1), jnp.clip(xi + 1, 0, geo.W - 1))
+    g = jnp.arange(geo.G, dtype=jnp.int32)
+    wy, dy = (hy, ly), (-1, 1)
+    wx, dx = (hx, lx), (-1, 1)
+    corners = []
+    for a in (0, 1):
+        for b in (0, 1):
+            valid = (vy[a] & vx[b] & live).astype(cdt)
+            rows = ((n * geo.H + ys[a]) * geo.W + xs[b]) * geo.G + g
+            corners.append((rows, wy[a] * wx[b] * valid, dy[a] * wx[b] * valid,
+                            wy[a] * dx[b] * valid))
+    return corners
+
+
+def _gather(x_rows, rows):
+    return x_rows.at[rows].get(mode="promise_in_bounds")
+
+
+def _interpolate(geo: _Geo, x_rows, offset_c, pix):
+    """Bilinear samples (P, K, G, C/G) in the coordinate dtype, and the corners they came from.
+
+    Written as four gathers blended elementwise: XLA fuses each gather into the blend (a
+    reduction over a stacked corner axis would be ~20x slower on CPU).
+    """
+    corners = _sample_points(geo, offset_c, pix)
+    cdt = offset_c.dtype
+    sampled = 0
+    for rows, w, _, _ in corners:
+        sampled = sampled + w[..., None] * _gather(x_rows, rows).astype(cdt)
+    return sampled, corners
+
+
+def _channel_dot(a, b):
+    """sum over the last axis of a * b, as a batched dot (XLA's CPU row reductions are slow)."""
+    return jnp.einsum("pkgc,pkgc->pkg", a, b)
+
+
+def _accumulation(dtype):
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def _contract(geo: _Geo, cols, wmat):
+    """cols (P, K, G, C/G) x kernel (K, C_in/groups, groups, C_out/groups) -> (P, C_out)."""
+    P = cols.shape[0]
+    cols = cols.astype(wmat.dtype)
+    acc = _accumulation(wmat.dtype)
+    if geo.groups == 1:
+        return jnp.dot(cols.reshape(P, -1), wmat.reshape(-1, geo.Cout), preferred_element_type=acc)
+    cols = cols.reshape(P, geo.K, geo.groups, geo.C // geo.groups)
+    out = jnp.einsum("pkgc,kcgo->pgo", cols, wmat, preferred_element_type=acc)
+    return out.reshape(P, geo.Cout)
+
+
+def _pixels(a, geo: _Geo):
+    """(N, Ho, Wo, G*last*K-ish) per-pixel array -> (n_chunks, chunk, ...) padded with zeros."""
+    P = geo.N * geo.Ho * geo.Wo
+    a = a.reshape((P,) + a.shape[3:])
+    pad = geo.n_chunks * geo.chunk - P
+    if pad:
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape((geo.n_chunks, geo.chunk) + a.shape[1:])
+
+
+def _unpixels(a, geo: _Geo):
+    P = geo.N * geo.Ho * geo.Wo
+    a = a.reshape((geo.n_chunks * geo.chunk,) + a.shape[2:])[:P]
+    return a.reshape((geo.N, geo.Ho, geo.Wo) + a.shape[1:])
+
+
+def _prepare(geo: _Geo, x, offset, mask, weight):
+    """Chunked views of the inputs: x as rows, offsets (.., K, G, 2), mask (.., K, G)."""
+    cdt = jnp.dtype(geo.coord_dtype)
+    x_rows = x.reshape(geo.N * geo.H * geo.W * geo.G, geo.Cg)
+    off = offset.astype(cdt).reshape(geo.N, geo.Ho, geo.Wo, geo.G, geo.K, 2)
+    off = _pixels(jnp.swapaxes(off, 3, 4), geo)                     # (nc, P, K, G, 2)
+    msk = None
+    if mask is not None:
+        msk = mask.astype(cdt).reshape(geo.N, geo.Ho, geo.Wo, geo.G, geo.K)
+        msk = _pixels(jnp.swapaxes(msk, 3, 4), geo)                 # (nc, P, K, G)
+    wmat = weight.reshape(geo.K, geo.C // geo.groups, geo.groups, geo.Cout // geo.groups)
+    return x_rows, off, msk, wmat
+
+
+def _map_chunks(geo: _Geo, body, xs):
+    """lax.map over chunks, or a plain call when there is one chunk."""
+    if geo.n_chunks == 1:
+        return jax.tree.map(lambda a: a[None], body(jax.tree.map(lambda a: a[0], xs)))
+    return lax.map(body, xs)
+
+
+def _forward(geo: _Geo, x, offset, mask, weight):
+    x_rows, off, msk, wmat = _prepare(geo, x, offset, mask, weight)
+    chunk_ids = jnp.arange(geo.n_chunks, dtype=jnp.int32)
+
+    def body(args):
+        ci, off_c, msk_c = args
+        pix = ci * geo.chunk + jnp.arange(geo.chunk, dtype=jnp.int32)
+        cols = _interpolate(geo, x_rows, off_c, pix)[0]
+        if msk_c is not None:
+            cols = cols * msk_c[..., None]
+        return _contract(geo, cols, wmat)
+
+    out = _map_chunks(geo, body, (chunk_ids, off, msk))
+    return _unpixels(out, geo).astype(geo.out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _deform(geo: _Geo, x, offset, mask, weight):
+    return _forward(geo, x, offset, mask, weight)
+
+
+def _deform_fwd(geo: _Geo, x, offset, mask, weight):
+    return _forward(geo, x, offset, mask, weight), (x, offset, mask, weight)
+
+
+def _deform_bwd(geo: _Geo, res, g_out):
+    x, offset, mask, weight = res
+    x_rows, off, msk, wmat = _prepare(geo, x, offset, mask, weight)
+    cdt = jnp.dtype(geo.coord_dtype)
+    acc = _accumulation(weight.dtype)
+    gouts = _pixels(g_out.astype(weight.dtype), geo)                # (nc, P, Cout)
+    chunk_ids = jnp.arange(geo.n_chunks, dtype=jnp.int32)
+    Cig, Cog = geo.C // geo.groups, geo.Cout // geo.groups
+
+    def body(carry, args):
+        g_rows, g_wmat = carry
+        ci, off_c, msk_c, gout = args
+        pix = ci * geo.chunk + jnp.arange(geo.chunk, dtype=jnp.int32)
+        sampled, corners = _interpolate(geo, x_rows, off_c, pix)
+        cols = sampled if msk_c is None else sampled * msk_c[..., None]
+        P = gout.shape[0]
+        gout_g = gout.reshape(P, geo.groups, Cog)
+        cols_g = cols.astype(weight.dtype).reshape(P, geo.K, geo.groups, Cig)
+        g_wmat = g_wmat + jnp.einsum("pkgc,pgo->kcgo", cols_g, gout_g,
+                                     preferred_element_type=acc).astype(g_wmat.dtype)
+        g_cols = jnp.einsum("pgo,kcgo->pkgc", gout_g, wmat, preferred_element_type=acc)
+        g_cols = g_cols.astype(cdt).reshape(P, geo.K, geo.G, geo.Cg)
+        if msk_c is None:
+            g_msk = None
+            g_sampled = g_cols
+        else:
+            g_msk = _channel_dot(g_cols, sampled)                           # (P, K, G)
+            g_sampled = g_cols * msk_c[..., None]
+        g_dy = g_dx = 0
+        for rows, w, dw_dy, dw_dx in corners:
+            g_w = _channel_dot(g_sampled, _gather(x_rows, rows).astype(cdt))
+            g_dy = g_dy + g_w * dw_dy
+            g_dx = g_dx + g_w * dw_dx
+            g_rows = g_rows.at[rows].add((w[..., None] * g_sampled).astype(g_rows.dtype),
+                                         mode="promise_in_bounds")
+        g_off = jnp.stack([g_dy, g_dx], -1)
+        return (g_rows, g_wmat), (g_off, g_msk)
+
+    acc_dtype = jnp.promote_types(cdt, jnp.float32)
+    carry = (jnp.zeros(x_rows.shape, acc_dtype), jnp.zeros(wmat.shape, acc_dtype))
+    xs = (chunk_ids, off, msk, gouts)
+    if geo.n_chunks == 1:
+        (g_rows, g_wmat), ys = body(carry, jax.tree.map(lambda a: a[0], xs))
+        ys = jax.tree.map(lambda a: a[None], ys)
+    else:
+        (g_rows, g_wmat), ys = lax.scan(body, carry, xs)
+    g_off, g_msk = ys
+    g_x = g_rows.reshape(x.shape).astype(x.dtype)
+    g_off = _unpixels(g_off, geo)                                           # (N,Ho,Wo,K,G,2)
+    g_off = jnp.swapaxes(g_off, 3, 4).reshape(offset.shape).astype(offset.dtype)
+    if mask is not None:
+        g_msk = _unpixels(g_msk, geo)
+        g_msk = jnp.swapaxes(g_msk, 3, 4).reshape(mask.shape).astype(mask.dtype)
+    g_weight = g_wmat.reshape(weight.shape).astype(weight.dtype)
+    return g_x, g_off, g_msk, g_weight
+
+
+_deform.defvjp(_deform_fwd, _deform_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function: argument checks, then the custom-VJP core.
+
+def _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements) -> _Geo:
+    check_rank(x, 4, "x", "NHWC")
+    check_rank(offset, 4, "offset", "N, H_out, W_out, 2*offset_groups*kh*kw")
+    check_rank(weight, 4, "weight", "HWIO")
+    if mask is not None:
+        check_rank(mask, 4, "mask", "N, H_out, W_out, offset_groups*kh*kw")
+    for name, a in (("x", x), ("offset", offset), ("weight", weight), ("mask", mask),
+                    ("bias", bias)):
+        if a is not None and not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    sh, sw = pair(stride, "stride", minimum=1)
+    ph, pw = pair(padding, "padding", minimum=0)
+    dh, dw = pair(dilation, "dilation", minimum=1)
+    N, H, W, C = x.shape
+    kh, kw, cig, cout = weight.shape
+    if kh < 1 or kw < 1 or cig < 1 or cout < 1:
+        raise ValueError(f"weight: expected a non-empty HWIO kernel, got shape {weight.shape}")
+    if C % cig:
+        raise ValueError(f"weight: expected an input-channel dimension (axis 2) dividing the "
+                         f"{C} channels of x, got shape {weight.shape}")
+    groups = C // cig
+    if cout % groups:
+        raise ValueError(f"weight: expected output channels divisible by groups={groups} "
+                         f"(= C_in {C} / weight in-channels {cig}), got shape {weight.shape}")
+    Ho, Wo = deform_output_size((H, W), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"padding: the kernel ({kh}, {kw}) with dilation ({dh}, {dw}) is larger "
+                         f"than the padded input of x {x.shape}; output size would be ({Ho}, {Wo})")
+    K = kh * kw
+    oc = offset.shape[3]
+    if oc == 0 or oc % (2 * K):
+        raise ValueError(f"offset: expected 2*offset_groups*kh*kw channels (a positive multiple "
+                         f"of {2 * K} for a {kh}x{kw} kernel), got {oc} channels")
+    G = oc // (2 * K)
+    if C % G:
+        raise ValueError(f"offset: expected offset_groups dividing C_in={C}, got offset_groups={G} "
+                         f"({oc} offset channels / {2 * K})")
+    if offset.shape[:3] != (N, Ho, Wo):
+        raise ValueError(f"offset: expected (N, H_out, W_out) = {(N, Ho, Wo)} (the output size), "
+                         f"got {offset.shape[:3]}")
+    if mask is not None:
+        if mask.shape[3] != G * K:
+            raise ValueError(f"mask: expected offset_groups*kh*kw = {G * K} channels, got "
+                             f"{mask.shape[3]}")
+        if mask.shape[:3] != (N, Ho, Wo):
+            raise ValueError(f"mask: expected (N, H_out, W_out) = {(N, Ho, Wo)} (the output size), "
+                             f"got {mask.shape[:3]}")
+    if bias is not None and tuple(bias.shape) != (cout,):
+        raise ValueError(f"bias: expected shape ({cout},), got {tuple(bias.shape)}")
+    if (not isinstance(chunk_elements, numbers.Integral) or isinstance(chunk_elements, bool)
+            or chunk_elements < 1):
+        raise ValueError(f"chunk_elements: expected a positive int, got {chunk_elements!r}")
+    P = N * Ho * Wo
+    n_chunks = max(1, math.ceil(P * K * C / chunk_elements))
+    n_chunks = min(n_chunks, max(P, 1))
+    chunk = max(1, math.ceil(P / n_chunks))
+    n_chunks = max(1, math.ceil(P / chunk))
+    out_dtype = jnp.result_type(x.dtype, weight.dtype)
+    coord_dtype = jnp.promote_types(jnp.result_type(x.dtype, offset.dtype), jnp.float32)
+    return _Geo(N, H, W, C, G, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo, groups, cout, chunk,
+                n_chunks, jnp.dtype(out_dtype).name, jnp.dtype(coord_dtype).name)
+
+
+def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1, mask=None,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """Deformable convolution (v1; v2 when `mask` is given), NHWC, = torchvision's deform_conv2d.
+
+    Args:
+      x: (N, H, W, C_in) input.
+      offset: (N, H_out, W_out, 2*offset_groups*kh*kw) sampling offsets; for offset group g and
+        kernel tap k = i*kw + j, dy is channel g*2*kh*kw + 2k and dx channel g*2*kh*kw + 2k + 1
+        (torchvision's order). offset_groups is inferred and must divide C_in; offset group g
+        deforms input channels [g*C_in/G, (g+1)*C_in/G).
+      weight: (kh, kw, C_in/groups, C_out) HWIO kernel; `groups` is inferred from it.
+      bias: optional (C_out,).
+      stride, padding, dilation: int or (h, w) pair, as in torch.
+      mask: optional (N, H_out, W_out, offset_groups*kh*kw) modulation (channel g*kh*kw + k),
+        a plain multiplier (apply a sigmoid before if you want DCNv2's).
+      chunk_elements: column entries (pixels * kh*kw * C_in) processed per chunk; bounds the
+        working memory (see the module docstring). Does not change the result beyond rounding.
+
+    Returns:
+      (N, H_out, W_out, C_out) in the result dtype of x and weight. 16-bit inputs are
+      interpolated in float32 and accumulated in float32.
+    """
+    geo = _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements)
+    if geo.N == 0:
+        out = jnp.zeros((0, geo.Ho, geo.Wo, geo.Cout), geo.out_dtype)
+        # Keep every input in the graph so that gradients are zeros of the right shapes.
+        out = out + jnp.sum(weight[:0]).astype(out.dtype) + jnp.sum(x[:0]).astype(out.dtype)
+    else:
+        out = _deform(geo, x, offset, mask, weight)
+    if bias is not None:
+        out = out + bias.astype(out.dtype)
+    return out
+
+
+def _deform_conv2d_autodiff(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1,
+                            mask=None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """The same forward as `deform_conv2d` without the custom VJP (autodiff of the gather).
+
+    For tests: its gradients are what the custom VJP must reproduce."""
+    geo = _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements)
+    out = _forward(geo, x, offset, mask, weight)
+    if bias is not None:
+        out = out + bias.astype(out.dtype)
+    return out
