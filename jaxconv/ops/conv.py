@@ -16,7 +16,7 @@ from jaxconv.ops._args import check_rank, pair
 
 Pad = tuple[tuple[int, int], tuple[int, int]]
 _DIMS = ("NHWC", "HWIO", "NHWC")
-_PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
 def conv_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int],
@@ -43,9 +43,9 @@ def conv_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int],
 
 def pad_input(x, pads: Pad, padding_mode: str):
     """Pad the H and W axes of NHWC `x` like torch's non-zero padding modes."""
-    if padding_mode not in _PAD_MODES:
-        raise ValueError(f"padding_mode: expected one of {sorted(_PAD_MODES)}, got {padding_mode!r}")
-    mode = _PAD_MODES[padding_mode]
+    if padding_mode not in PAD_MODES:
+        raise ValueError(f"padding_mode: expected one of {sorted(PAD_MODES)}, got {padding_mode!r}")
+    mode = PAD_MODES[padding_mode]
     if mode is None or not any(p for side in pads for p in side):
         return x
     for axis, (lo, hi) in zip((1, 2), pads):
