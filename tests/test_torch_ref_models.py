@@ -32,6 +32,7 @@ PER_FAMILY = ["resnext50_32x4d", "googlenet", "inception_v3", "xception", "mobil
 SMALL_HW = {"resnext": (64, 96), "googlenet": (64, 96), "inception_v3": (75, 107),
             "xception": (71, 87), "mobilenet_v1": (64, 96)}
 NUM_CLASSES = 10
+AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
 def _family(name: str) -> str:
@@ -43,10 +44,14 @@ def _meta_model(name: str, **kwargs) -> nn.Module:
         return create_model(name, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
 def _model(name: str, aux_logits: bool = True) -> nn.Module:
-    """A real model with 10 classes, built once per configuration (initialising the big ones
-    costs seconds); tests set train/eval themselves and restore any attribute they change."""
+    """A real model with 10 classes, built once per configuration; tests set train/eval
+    themselves and restore any attribute they change."""
+    return _cached_model(name, aux_logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_model(name: str, aux_logits: bool) -> nn.Module:
     torch.manual_seed(0)
     kwargs = {} if aux_logits else {"aux_logits": False}
     return create_model(name, num_classes=NUM_CLASSES, **kwargs)
@@ -147,9 +152,9 @@ def test_resnext152_params_and_keys():
     _assert_same_state_dict(_shapes(model), want)
 
 
-@pytest.mark.parametrize("name, aux_prefixes", [
-    ("googlenet", ("aux1.", "aux2.")), ("inception_v3", ("AuxLogits.",))])
-def test_aux_logits_false_removes_aux_keys(name, aux_prefixes):
+@pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
+def test_aux_logits_false_removes_aux_keys(name):
+    aux_prefixes = AUX_PREFIXES[name]
     full = REFERENCE[name]["state_dict"]
     assert any(k.startswith(aux_prefixes) for k in full)
     want = {k: v for k, v in full.items() if not k.startswith(aux_prefixes)}
@@ -207,7 +212,7 @@ def test_num_classes_and_default_drop_rates():
 
 # ----------------------------------------------------------------------------- forward
 
-@pytest.mark.parametrize("name", CANONICAL)
+@pytest.mark.parametrize("name", list_models())
 def test_eval_forward_gives_finite_logits(name):
     model = _model(name).eval()
     with torch.no_grad():
@@ -255,13 +260,20 @@ def test_inception_v3_train_returns_named_heads_at_299():
 
 
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
-def test_train_without_aux_logits_returns_tensor(name):
-    model = _model(name, aux_logits=False).train()
-    try:
-        with torch.no_grad():
-            out = model(_input(name, batch=2))
-    finally:
-        model.eval()
+def test_without_aux_logits_loads_trimmed_checkpoint_and_returns_tensor(name):
+    full, model = _model(name), _model(name, aux_logits=False)
+    # what torchvision users do: a checkpoint minus its aux heads loads strictly ...
+    trimmed = {k: v for k, v in full.state_dict().items()
+               if not k.startswith(AUX_PREFIXES[name])}
+    model.load_state_dict(trimmed, strict=True)
+    x = _input(name, batch=2)
+    with torch.no_grad():
+        # ... and gives the same eval logits (aux heads never touch the main path)
+        torch.testing.assert_close(model.eval()(x), full.eval()(x), rtol=1e-6, atol=0)
+        try:
+            out = model.train()(x)
+        finally:
+            model.eval()
     assert isinstance(out, torch.Tensor) and out.shape == (2, NUM_CLASSES)
 
 

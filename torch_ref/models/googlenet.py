@@ -26,13 +26,16 @@ uses a 3x3 kernel (the pretrained weights have that shape). Aux heads: adaptive 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_ref.blocks import BasicConv2d
 from torch_ref.models import check_input, register_model
 
-__all__ = ["ConvBNReLU", "Inception", "InceptionAux", "GoogLeNet", "googlenet"]
+__all__ = ["Inception", "InceptionAux", "GoogLeNet", "googlenet"]
 
 # channel re-normalisation of transform_input: from torchvision's ImageNet mean/std to [-1, 1]
 _MEAN = (0.485, 0.456, 0.406)
@@ -48,17 +51,8 @@ def transform_input(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- layers
 
-class ConvBNReLU(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d(eps=1e-3) -> ReLU; keys ``conv.*``, ``bn.*``."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding,
-                              bias=False)
-        self.bn = nn.BatchNorm2d(out_chs, eps=1e-3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+# torchvision's BasicConv2d: conv (no bias) -> BN (eps 1e-3) -> ReLU, keys ``conv.*``, ``bn.*``
+ConvBNReLU = functools.partial(BasicConv2d, eps=1e-3)
 
 
 class Inception(nn.Module):

@@ -27,26 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ref.models import check_input, register_model
-from torch_ref.models.googlenet import transform_input
+from torch_ref.models.googlenet import ConvBNReLU, transform_input
 
-__all__ = ["ConvBNReLU", "InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",
+__all__ = ["InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",
            "InceptionAux", "InceptionV3", "inception_v3"]
 
 
 # ----------------------------------------------------------------------------------- layers
-
-class ConvBNReLU(nn.Module):
-    """Conv2d (no bias) -> BatchNorm2d(eps=1e-3) -> ReLU; keys ``conv.*``, ``bn.*``."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding,
-                              bias=False)
-        self.bn = nn.BatchNorm2d(out_chs, eps=1e-3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
-
 
 def _avg_pool_3x3(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 3, stride=1, padding=1)
@@ -269,8 +256,8 @@ class InceptionV3(nn.Module):
         x = feats["Mixed_6e"] = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
         if with_aux:
             if min(x.shape[2:]) < 17:
-                raise ValueError(f"{type(self).__name__}: the aux head (train mode, aux_logits=True) "
-                                 f"needs an input of at least 299x299, got {in_h}x{in_w}")
+                raise ValueError(f"{type(self).__name__}: x must be at least 299x299 for the aux "
+                                 f"head (train mode, aux_logits=True), got {in_h}x{in_w}")
             aux["aux"] = self.AuxLogits(x)
         feats["Mixed_7c"] = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
         return feats, aux
