@@ -18,6 +18,14 @@ ALIASES: dict[str, str] = {
     "mobilenetv1_100": "mobilenet_v1",
 }
 
+# Native input resolution of the models that are not 224 x 224 (torchvision / timm defaults).
+_INPUT_SIZE = {"inception_v3": 299, "xception": 299}
+
+
+def input_size(name: str) -> int:
+    """The resolution a model was designed and pretrained at (square)."""
+    return _INPUT_SIZE.get(resolve(name), 224)
+
 
 def register_model(fn: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
     """Register an entry point under its function name (decorator)."""
