@@ -40,7 +40,7 @@ def _window(x, kernel_size, stride, padding, dilation, ceil_mode):
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """torch.nn.functional.max_pool2d on NHWC `x` (padding counts as -inf)."""
     k, s, d, pads, out_hw = _window(x, kernel_size, stride, padding, dilation, ceil_mode)
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = np.array(-np.inf, x.dtype)  # concrete: jit keeps the differentiable max window
     if d == (1, 1):
         y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
         return y[:, :out_hw[0], :out_hw[1]]
@@ -72,7 +72,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     """torch.nn.functional.avg_pool2d on NHWC `x`; low precision inputs are summed in float32."""
     k, s, _, pads, out_hw = _window(x, kernel_size, stride, padding, 1, ceil_mode)
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    total = lax.reduce_window(x.astype(acc), jnp.array(0, acc), lax.add, (1, *k, 1), (1, *s, 1),
+    total = lax.reduce_window(x.astype(acc), np.array(0, acc), lax.add, (1, *k, 1), (1, *s, 1),
                               ((0, 0), *pads, (0, 0)))[:, :out_hw[0], :out_hw[1]]
     if divisor_override is not None:
         if not isinstance(divisor_override, int) or divisor_override < 1:
