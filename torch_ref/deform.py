@@ -21,7 +21,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 __all__ = ["deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack"]
@@ -79,7 +78,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
         input, offset, weight, bias, stride, padding, dilation, mask)
     K, Cg = kh * kw, C // G
     if N == 0:
-        out = input.new_zeros((0, Cout, Ho, Wo)) + weight.sum() * 0
+        # Keep every input in the graph so that its gradient is zeros of its shape, not None.
+        keep = sum(t.sum() * 0 for t in (input, offset, weight, mask) if t is not None)
+        out = input.new_zeros((0, Cout, Ho, Wo)) + keep
         return out if bias is None else out + bias.view(1, -1, 1, 1)
     dev = input.device
     # Per (n, oy, ox, tap, group): offsets as (N, Ho, Wo, K, G) so that the gathered rows are
@@ -184,10 +185,8 @@ class _Pack(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        # mmcv: uniform(+-1/sqrt(fan_in)) for the main weight, zero bias; the offset conv is
-        # zero so that the layer starts as a plain convolution.
-        stdv = 1.0 / math.sqrt(self.weight[0].numel())
-        nn.init.uniform_(self.weight, -stdv, stdv)
+        # The offset conv starts at zero so that the layer starts as a plain convolution.
+        self._init_weight()
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         nn.init.zeros_(self.conv_offset.weight)
@@ -212,6 +211,9 @@ class DeformConv2dPack(_Pack):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, offset_groups, bias)
 
+    def _init_weight(self):
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")  # mmcv's DeformConv2d
+
 
 class ModulatedDeformConv2dPack(_Pack):
     """mmcv's ModulatedDeformConv2dPack ('DCNv2'): offsets and sigmoid mask from `conv_offset`."""
@@ -222,6 +224,10 @@ class ModulatedDeformConv2dPack(_Pack):
                  groups=1, offset_groups=1, bias=True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, offset_groups, bias)
+
+    def _init_weight(self):
+        stdv = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        nn.init.uniform_(self.weight, -stdv, stdv)  # mmcv's ModulatedDeformConv2d
 
     def _offset_mask(self, x):
         out = self.conv_offset(x)

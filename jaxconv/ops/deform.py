@@ -200,6 +200,7 @@ def _unpixels(a, geo: _Geo):
 def _prepare(geo: _Geo, x, offset, mask, weight):
     """Chunked views of the inputs: x as rows, offsets (.., K, G, 2), mask (.., K, G)."""
     cdt = jnp.dtype(geo.coord_dtype)
+    x, offset, weight = jnp.asarray(x), jnp.asarray(offset), jnp.asarray(weight)
     x_rows = x.reshape(geo.N * geo.H * geo.W * geo.G, geo.Cg)
     off = offset.astype(cdt).reshape(geo.N, geo.Ho, geo.Wo, geo.G, geo.K, 2)
     off = _pixels(jnp.swapaxes(off, 3, 4), geo)                     # (nc, P, K, G, 2)
@@ -391,11 +392,11 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
       (N, H_out, W_out, C_out) in the result dtype of x and weight. 16-bit inputs are
       interpolated in float32 and accumulated in float32.
     """
+    x, offset, weight, bias, mask = (None if a is None else jnp.asarray(a)
+                                     for a in (x, offset, weight, bias, mask))
     geo = _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements)
     if geo.N == 0:
-        out = jnp.zeros((0, geo.Ho, geo.Wo, geo.Cout), geo.out_dtype)
-        # Keep every input in the graph so that gradients are zeros of the right shapes.
-        out = out + jnp.sum(weight[:0]).astype(out.dtype) + jnp.sum(x[:0]).astype(out.dtype)
+        out = jnp.zeros((0, geo.Ho, geo.Wo, geo.Cout), geo.out_dtype)  # gradients: zeros
     else:
         out = _deform(geo, x, offset, mask, weight)
     if bias is not None:
@@ -408,6 +409,8 @@ def _deform_conv2d_autodiff(x, offset, weight, bias=None, *, stride=1, padding=0
     """The same forward as `deform_conv2d` without the custom VJP (autodiff of the gather).
 
     For tests: its gradients are what the custom VJP must reproduce."""
+    x, offset, weight, bias, mask = (None if a is None else jnp.asarray(a)
+                                     for a in (x, offset, weight, bias, mask))
     geo = _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements)
     out = _forward(geo, x, offset, mask, weight)
     if bias is not None:
