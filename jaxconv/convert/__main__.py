@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                 save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, args.dst)
             else:
                 import torch
-                torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, args.dst)
+                torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, args.dst)
         else:
             save_weights(from_torch(model, load_checkpoint(args.src)), args.dst)
     except (ConversionError, ValueError) as e:
