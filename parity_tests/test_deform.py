@@ -26,6 +26,7 @@ GRADS = ("x", "offset", "weight", "bias", "mask")
 ODD = ("odd", 5, 7, 5, 6, 4, (3, 2), (2, 1), (1, 0), (2, 1), 2, 3)
 PLAIN = ("plain", 2, 6, 6, 4, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, 1)
 DEPTHWISE = ("dw-offset-per-channel", 1, 5, 6, 4, 4, (2, 3), (1, 2), (0, 1), (1, 1), 4, 4)
+PRIME = ("prime-pixels", 1, 25, 3, 4, 2, (3, 3), (1, 1), (0, 0), (1, 1), 1, 2)  # 23 pixels
 
 
 def _offsets(rng, kind, cfg):
@@ -136,7 +137,8 @@ def _assert_close(name, got, want, **tol):
 # float64: jaxconv and torch_ref against the loop oracle
 
 ORACLE_CASES = [(ODD, "random", True), (ODD, "edges", False), (ODD, "integer", True),
-                (ODD, "wide", True), (PLAIN, "edges", True), (DEPTHWISE, "random", False)]
+                (ODD, "wide", True), (PLAIN, "edges", True), (DEPTHWISE, "random", False),
+                (PRIME, "wide", True)]
 
 
 @pytest.mark.parametrize("cfg, kind, use_mask", ORACLE_CASES,
@@ -146,7 +148,7 @@ def test_fp64_matches_oracle(cfg, kind, use_mask):
     want, want_grads = _oracle_value_and_grads(inputs, kwargs, grad_out)
     with jax.enable_x64(True):
         got, grads = _jax_value_and_grads(inputs, kwargs, grad_out, jnp.float64,
-                                          chunk_elements=97)  # several chunks, last one padded
+                                          chunk_elements=97)  # several chunks (PRIME: padded)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, want, rtol=0, atol=DEFORM_FP64, err_msg="jaxconv forward")
     for k in GRADS:
@@ -224,6 +226,16 @@ def test_custom_vjp_equals_autodiff(cfg, use_mask):
                 _assert_close(f"grad {k} chunk={chunk}", got[k], want[k], rtol=0, atol=1e-12)
 
 
+def test_chunking_rule():
+    from jaxconv.ops.deform import _chunking
+    assert _chunking(32 * 56 * 56, 9 * 256, 2**21) == (896, 112)  # divides: no padding
+    assert _chunking(23, 36, 97) == (2, 12)                         # prime: padded last chunk
+    assert _chunking(5, 36, 2**21) == (5, 1) and _chunking(5, 36, 1) == (1, 5)
+    for pixels, per_pixel, budget in [(60, 36, 97), (1000, 7, 300), (97, 1, 20)]:
+        chunk, n = _chunking(pixels, per_pixel, budget)
+        assert chunk * per_pixel <= max(budget, per_pixel) and chunk * n >= pixels > chunk * (n - 1)
+
+
 def test_check_grads_fp64():
     """Reverse-mode gradients against finite differences (offsets kept away from cell edges,
     where the bilinear interpolation has kinks)."""
@@ -232,7 +244,7 @@ def test_check_grads_fp64():
     inputs["offset"] = np.floor(inputs["offset"]) + 0.15 + 0.7 * frac
     with jax.enable_x64(True):
         args = [jnp.asarray(inputs[k]) for k in ("x", "offset", "weight", "bias", "mask")]
-        fn = lambda x, o, w, b, m: deform_conv2d(x, o, w, b, mask=m, chunk_elements=40,  # noqa: E731
+        fn = lambda x, o, w, b, m: deform_conv2d(x, o, w, b, mask=m, chunk_elements=100,  # noqa: E731
                                                  **kwargs)
         check_grads(fn, args, order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
@@ -252,12 +264,12 @@ def test_zero_offset_unit_mask_is_conv2d(cfg):
     mask = jnp.ones((N, Ho, Wo, G * k[0] * k[1]), jnp.float32)
     kw = dict(stride=stride, padding=padding, dilation=dilation)
     conv = lambda x, w, b: ops.conv2d(x, w, b, groups=groups, **kw)  # noqa: E731
+    grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2)))  # noqa: E731
     for m in (None, mask):
         deform = lambda x, w, b: deform_conv2d(x, offset, w, b, mask=m, **kw)  # noqa: E731
-        np.testing.assert_allclose(deform(x, w, b), conv(x, w, b), **OP_FP32)
-        g_def = jax.grad(lambda *a: jnp.sum(deform(*a) ** 2), argnums=(0, 1, 2))(x, w, b)
-        g_conv = jax.grad(lambda *a: jnp.sum(conv(*a) ** 2), argnums=(0, 1, 2))(x, w, b)
-        for name, gd, gc in zip(("x", "weight", "bias"), g_def, g_conv):
+        np.testing.assert_allclose(jax.jit(deform)(x, w, b), conv(x, w, b), **OP_FP32)
+        for name, gd, gc in zip(("x", "weight", "bias"), grads(deform)(x, w, b),
+                                grads(conv)(x, w, b)):
             np.testing.assert_allclose(gd, gc, err_msg=name, **OP_FP32)
 
 
@@ -265,15 +277,15 @@ def test_bfloat16_accumulates_in_fp32():
     inputs, kwargs, grad_out = _case(ODD, "random", True, seed=5)
     bf = {k: jnp.asarray(v, jnp.bfloat16) for k, v in inputs.items()}
     f32 = {k: v.astype(jnp.float32) for k, v in bf.items()}  # the same (rounded) values in fp32
-    call = lambda a: deform_conv2d(a["x"], a["offset"], a["weight"], a["bias"], mask=a["mask"],  # noqa: E731
-                                   **kwargs)
+    call = jax.jit(lambda a: deform_conv2d(a["x"], a["offset"], a["weight"], a["bias"],
+                                           mask=a["mask"], **kwargs))
     out, ref = call(bf), call(f32)
     assert out.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(ref)))
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) <= OP_BF16_RTOL * scale
     g_out = jnp.asarray(grad_out, jnp.bfloat16)
-    gb = jax.grad(lambda a: jnp.sum(call(a).astype(jnp.float32) * g_out))(bf)
-    gf = jax.grad(lambda a: jnp.sum(call(a) * g_out.astype(jnp.float32)))(f32)
+    gb = jax.jit(jax.grad(lambda a: jnp.sum(call(a).astype(jnp.float32) * g_out)))(bf)
+    gf = jax.jit(jax.grad(lambda a: jnp.sum(call(a) * g_out.astype(jnp.float32))))(f32)
     for k in GRADS:
         assert gb[k].dtype == jnp.bfloat16, k
         err = float(jnp.max(jnp.abs(gb[k].astype(jnp.float32) - gf[k])))
@@ -284,25 +296,24 @@ def test_jit_vmap_grad():
     inputs, kwargs, grad_out = _case(ODD, "random", True, seed=6)
     a = {k: jnp.asarray(v, jnp.float32) for k, v in inputs.items()}
 
-    def f(x, o, m):
-        return deform_conv2d(x, o, a["weight"], a["bias"], mask=m, chunk_elements=64, **kwargs)
+    def f(x, o, m):  # 3 pixels of 36 column entries per chunk: 20 chunks for the batch of 5
+        return deform_conv2d(x, o, a["weight"], a["bias"], mask=m, chunk_elements=108, **kwargs)
 
     eager = f(a["x"], a["offset"], a["mask"])
     np.testing.assert_allclose(jax.jit(f)(a["x"], a["offset"], a["mask"]), eager, **OP_FP32)
-    # vmap over a leading axis of single-image batches == the batched call
+    # vmap over a leading axis of single-image batches == the batched call, forward and grads
     split = lambda v: v[:, None]  # noqa: E731
-    vm = jax.vmap(f)(split(a["x"]), split(a["offset"]), split(a["mask"]))
+    vm = jax.jit(jax.vmap(f))(split(a["x"]), split(a["offset"]), split(a["mask"]))
     np.testing.assert_allclose(vm[:, 0], eager, **OP_FP32)
-    loss = lambda x, o, m: jnp.sum(f(x, o, m) * grad_out.astype(np.float32))  # noqa: E731
-    g = jax.grad(loss, argnums=(0, 1, 2))(a["x"], a["offset"], a["mask"])
-    gj = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(a["x"], a["offset"], a["mask"])
-    per_image = lambda x, o, m, go: jax.grad(  # noqa: E731
-        lambda x, o, m: jnp.sum(f(x, o, m) * go), argnums=(0, 1, 2))(x, o, m)
-    gv = jax.vmap(per_image)(split(a["x"]), split(a["offset"]), split(a["mask"]),
-                             split(jnp.asarray(grad_out, jnp.float32)))
-    for i in range(3):
-        np.testing.assert_allclose(gj[i], g[i], **OP_FP32)
-        np.testing.assert_allclose(gv[i][:, 0], g[i], **OP_FP32)
+    loss = lambda x, o, m, go: jnp.sum(f(x, o, m) * go)  # noqa: E731
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    g = jax.jit(grad)(a["x"], a["offset"], a["mask"], jnp.asarray(grad_out, jnp.float32))
+    gv = jax.jit(jax.vmap(grad))(split(a["x"]), split(a["offset"]), split(a["mask"]),
+                                 split(jnp.asarray(grad_out, jnp.float32)))
+    want = _torch_value_and_grads(inputs, kwargs, grad_out, torch.float64)[1]
+    for i, name in enumerate(("x", "offset", "mask")):
+        np.testing.assert_allclose(g[i], want[name], err_msg=name, **OP_FP32)
+        np.testing.assert_allclose(gv[i][:, 0], g[i], err_msg=name, **OP_FP32)
 
 
 def test_bounded_memory_default_chunking():
@@ -394,7 +405,7 @@ def _layer_parity(jmod, tmod, x, call_j, call_t):
         y = call_j(m, x)
         return jnp.sum(y ** 2), y
 
-    (_, y), (g_mod, g_x) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+    (_, y), (g_mod, g_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         jmod, jnp.asarray(x))
     np.testing.assert_allclose(y, _from_torch_layout("x", out_t.detach().numpy()),
                                err_msg="forward", **OP_FP32)
@@ -446,4 +457,4 @@ def test_pack_layers_start_as_plain_conv(modulated):
     x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 7, 6, 6)), jnp.float32)
     kernel = layer.kernel[...] * (0.5 if modulated else 1.0)
     conv = ops.conv2d(x, kernel, None, 2, 1, 1, 2) + layer.bias[...]
-    np.testing.assert_allclose(layer(x), conv, **OP_FP32)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), conv, **OP_FP32)
