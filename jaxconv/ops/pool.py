@@ -26,7 +26,9 @@ def _window(x, kernel_size, stride, padding, dilation, ceil_mode):
     pads, out_hw = [], []
     for n, ki, si, pi, di in zip(x.shape[1:3], k, s, p, d):
         span = n + 2 * pi - di * (ki - 1) - 1
-        if span < 0:
+        # torch's size rule: in ceil_mode a window larger than the padded input still gives
+        # one output if it starts inside it (GoogLeNet's ceil-mode pools at its minimum size)
+        if span + (si - 1 if ceil_mode else 0) < 0:
             raise ValueError(f"kernel_size: window {ki} (dilation {di}) is larger than the padded "
                              f"input {n + 2 * pi} (input {n}, padding {pi})")
         out = (span + (si - 1 if ceil_mode else 0)) // si + 1
