@@ -185,7 +185,7 @@ def _contract(geo: _Geo, cols, wmat):
 
 
 def _pixels(a, geo: _Geo):
-    """(N, Ho, Wo, G*last*K-ish) per-pixel array -> (n_chunks, chunk, ...) padded with zeros."""
+    """(N, Ho, Wo, ...) per-pixel array -> (n_chunks, chunk, ...), zero-padded past the end."""
     P = geo.N * geo.Ho * geo.Wo
     a = a.reshape((P,) + a.shape[3:])
     pad = geo.n_chunks * geo.chunk - P
