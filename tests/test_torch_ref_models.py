@@ -25,7 +25,7 @@ FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "referen
 REFERENCE = json.loads(FIXTURE.read_text())
 
 CANONICAL = ["googlenet", "inception_v3", "mobilenet_v1", "resnext101_32x8d", "resnext101_64x4d",
-             "resnext152_32x4d", "resnext50_32x4d", "xception"]
+             "resnext152_32x4d", "resnext50_32x4d", "resnext50_32x4d_dcn", "xception"]
 # one model per family, for the forward tests that need not see every depth variant
 PER_FAMILY = ["resnext50_32x4d", "googlenet", "inception_v3", "xception", "mobilenet_v1"]
 # a small valid (non-square) input per family
@@ -420,3 +420,23 @@ def test_bad_input_raises_value_error(name, shape, match):
 def test_minimum_input_size_works(name, hw):
     with torch.no_grad():
         assert _model(name).eval()(torch.randn(1, 3, *hw)).shape == (1, NUM_CLASSES)
+
+
+def test_resnext50_dcn_is_resnext50_plus_offset_convs():
+    """The DCN variant keeps every torchvision key and shape and adds, for each of the 13 blocks
+    of layer2-layer4, the conv_offset (3 x 3x3 taps = 27 channels) of a modulated deform conv."""
+    dcn = _shapes(_meta_model("resnext50_32x4d_dcn"))
+    extra = {k: v for k, v in dcn.items() if k not in REFERENCE["resnext50_32x4d"]["state_dict"]}
+    _assert_same_state_dict({k: v for k, v in dcn.items() if k not in extra},
+                            REFERENCE["resnext50_32x4d"]["state_dict"])
+    expected = {}
+    for layer, (blocks, width) in {"layer2": (4, 256), "layer3": (6, 512), "layer4": (3, 1024)}.items():
+        for b in range(blocks):
+            expected[f"{layer}.{b}.conv2.conv_offset.weight"] = [27, width, 3, 3]
+            expected[f"{layer}.{b}.conv2.conv_offset.bias"] = [27]
+    assert extra == expected
+    model = create_model("resnext50_32x4d_dcn")
+    assert all(float(m.conv_offset.weight.abs().max()) == 0 for m in model.modules()
+               if hasattr(m, "conv_offset"))
+    assert _num_params(model) == REFERENCE["resnext50_32x4d"]["num_params"] + sum(
+        math.prod(s) for s in expected.values())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torch_ref.deform import ModulatedDeformConv2dPack
 from torch_ref.models import check_input, register_model
 
 __all__ = ["Bottleneck", "ResNeXt", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -37,14 +38,17 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1,
-                 width_per_group: int = 64):
+                 width_per_group: int = 64, dcn: bool = False):
         super().__init__()
         width = int(planes * width_per_group / 64) * groups
         out_chs = planes * self.expansion
         self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups,
-                               bias=False)
+        # DCN stages: the grouped 3x3 becomes a modulated deformable conv (mmdet's DCNv2 with
+        # deform_groups=1; its zero-initialised conv_offset predicts offsets and mask).
+        self.conv2 = (ModulatedDeformConv2dPack(width, width, 3, stride, 1, groups=groups, bias=False)
+                      if dcn else nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups,
+                                            bias=False))
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
@@ -85,7 +89,8 @@ class ResNeXt(nn.Module):
 
     def __init__(self, layers: list[int], groups: int, width_per_group: int,
                  num_classes: int = 1000, drop_rate: float = 0.0,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False,
+                 stage_with_dcn: tuple[bool, ...] = (False, False, False, False)):
         super().__init__()
         self.feature_info = {"stem": (64, 2), "layer1": (256, 4), "layer2": (512, 8),
                              "layer3": (1024, 16), "layer4": (2048, 32)}
@@ -99,7 +104,7 @@ class ResNeXt(nn.Module):
             blocks = []
             for j in range(depth):
                 blocks.append(Bottleneck(in_chs, planes, stride if j == 0 else 1, groups,
-                                         width_per_group))
+                                         width_per_group, stage_with_dcn[i]))
                 in_chs = planes * Bottleneck.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -114,6 +119,9 @@ class ResNeXt(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():  # DCN: mmcv's weight init, conv_offset back to zero
+            if isinstance(m, ModulatedDeformConv2dPack):
+                m.reset_parameters()
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
@@ -160,3 +168,11 @@ def resnext101_64x4d(**kwargs) -> ResNeXt:
 @register_model
 def resnext152_32x4d(**kwargs) -> ResNeXt:
     return _resnext([3, 8, 36, 3], 32, 4, **kwargs)
+
+
+@register_model
+def resnext50_32x4d_dcn(**kwargs) -> ResNeXt:
+    """ResNeXt-50 32x4d with modulated deformable 3x3 convs in layer2-layer4 (conv3-conv5), the
+    DCNv2 setting of mmdetection's DCN ResNeXt configs; at init it equals resnext50_32x4d with
+    every deformable conv's output halved (mask = sigmoid(0))."""
+    return _resnext([3, 4, 6, 3], 32, 4, stage_with_dcn=(False, True, True, True), **kwargs)
