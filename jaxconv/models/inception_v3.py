@@ -1,0 +1,301 @@
+"""Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception Architecture for Computer
+Vision") as an NNX model mirroring torch_ref.models.inception_v3 (torchvision 0.28's layout), so
+a torchvision state_dict loads with `jaxconv.convert.from_torch` and no per-model code.
+
+    module          output (299)    what
+    Conv2d_1a_3x3   32 x 149        3x3/2 valid
+    Conv2d_2a_3x3   32 x 147        3x3 valid
+    Conv2d_2b_3x3   64 x 147        3x3 pad 1
+    maxpool1        64 x 73         3x3/2 max pool
+    Conv2d_3b_1x1   80 x 73         1x1
+    Conv2d_4a_3x3   192 x 71        3x3 valid
+    maxpool2        192 x 35        3x3/2 max pool
+    Mixed_5b/5c/5d  256/288/288 x 35   InceptionA, pool features 32/64/64
+    Mixed_6a        768 x 17        InceptionB (grid reduction)
+    Mixed_6b..6e    768 x 17        InceptionC, 7x7 channels 128/160/160/192  -> AuxLogits
+    Mixed_7a        1280 x 8        InceptionD (grid reduction)
+    Mixed_7b/7c     2048 x 8        InceptionE
+    head            global average pool, dropout (drop_rate, 0.5), fc
+
+Every conv is conv (no bias) + BatchNorm (eps 1e-3) + ReLU. Max pools are floor-mode without
+padding; the 3x3/1 average pools inside the blocks pad 1 and count the padding (torch default).
+The aux head pools to 1x1 before its fc, so its flatten needs no NCHW/NHWC reorder.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxconv import ops
+from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d
+from jaxconv.nn import init as initializers
+from jaxconv.nn.blocks import BasicConv2d
+from jaxconv.models._common import check_input
+from jaxconv.models.googlenet import transform_input
+from jaxconv.models.registry import register_model
+
+__all__ = ["InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",
+           "InceptionAux", "InceptionV3", "inception_v3"]
+
+
+# ----------------------------------------------------------------------------------- layers
+
+def _avg_pool_3x3(x):
+    return ops.avg_pool2d(x, 3, stride=1, padding=1)
+
+
+def _cat(*xs):
+    return jnp.concatenate(xs, axis=-1)
+
+
+class InceptionA(nnx.Module):
+    """35x35 block: 1x1 64 | 1x1 48 -> 5x5 64 | 1x1 64 -> 3x3 96 -> 3x3 96 | avg -> 1x1 pool.
+    Output channels 224 + pool_features."""
+
+    def __init__(self, in_chs: int, pool_features: int, *, conv, rngs: nnx.Rngs):
+        self.branch1x1 = conv(in_chs, 64, 1, rngs=rngs)
+        self.branch5x5_1 = conv(in_chs, 48, 1, rngs=rngs)
+        self.branch5x5_2 = conv(48, 64, 5, padding=2, rngs=rngs)
+        self.branch3x3dbl_1 = conv(in_chs, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = conv(64, 96, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3 = conv(96, 96, 3, padding=1, rngs=rngs)
+        self.branch_pool = conv(in_chs, pool_features, 1, rngs=rngs)
+
+    def __call__(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = self.branch_pool(_avg_pool_3x3(x))
+        return _cat(b1, b5, b3, bp)
+
+
+class InceptionB(nnx.Module):
+    """35 -> 17 grid reduction: 3x3/2 384 | 1x1 64 -> 3x3 96 -> 3x3/2 96 | 3x3/2 max pool.
+    Output channels 480 + in_chs."""
+
+    def __init__(self, in_chs: int, *, conv, rngs: nnx.Rngs):
+        self.branch3x3 = conv(in_chs, 384, 3, stride=2, rngs=rngs)
+        self.branch3x3dbl_1 = conv(in_chs, 64, 1, rngs=rngs)
+        self.branch3x3dbl_2 = conv(64, 96, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3 = conv(96, 96, 3, stride=2, rngs=rngs)
+
+    def __call__(self, x):
+        b3 = self.branch3x3(x)
+        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        bp = ops.max_pool2d(x, 3, stride=2)
+        return _cat(b3, b3d, bp)
+
+
+class InceptionC(nnx.Module):
+    """17x17 block with factorised 7x7: 1x1 192 | 1x1 c7 -> 1x7 c7 -> 7x1 192 |
+    1x1 c7 -> 7x1 -> 1x7 -> 7x1 -> 1x7 192 | avg -> 1x1 192. Output channels 768."""
+
+    def __init__(self, in_chs: int, channels_7x7: int, *, conv, rngs: nnx.Rngs):
+        c7 = channels_7x7
+        self.branch1x1 = conv(in_chs, 192, 1, rngs=rngs)
+        self.branch7x7_1 = conv(in_chs, c7, 1, rngs=rngs)
+        self.branch7x7_2 = conv(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7_3 = conv(c7, 192, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_1 = conv(in_chs, c7, 1, rngs=rngs)
+        self.branch7x7dbl_2 = conv(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_3 = conv(c7, c7, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7dbl_4 = conv(c7, c7, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7dbl_5 = conv(c7, 192, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch_pool = conv(in_chs, 192, 1, rngs=rngs)
+
+    def __call__(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7d = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            b7d = conv(b7d)
+        bp = self.branch_pool(_avg_pool_3x3(x))
+        return _cat(b1, b7, b7d, bp)
+
+
+class InceptionD(nnx.Module):
+    """17 -> 8 grid reduction: 1x1 192 -> 3x3/2 320 | 1x1 192 -> 1x7 -> 7x1 -> 3x3/2 192 |
+    3x3/2 max pool. Output channels 512 + in_chs."""
+
+    def __init__(self, in_chs: int, *, conv, rngs: nnx.Rngs):
+        self.branch3x3_1 = conv(in_chs, 192, 1, rngs=rngs)
+        self.branch3x3_2 = conv(192, 320, 3, stride=2, rngs=rngs)
+        self.branch7x7x3_1 = conv(in_chs, 192, 1, rngs=rngs)
+        self.branch7x7x3_2 = conv(192, 192, (1, 7), padding=(0, 3), rngs=rngs)
+        self.branch7x7x3_3 = conv(192, 192, (7, 1), padding=(3, 0), rngs=rngs)
+        self.branch7x7x3_4 = conv(192, 192, 3, stride=2, rngs=rngs)
+
+    def __call__(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_1(x)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b7 = conv(b7)
+        bp = ops.max_pool2d(x, 3, stride=2)
+        return _cat(b3, b7, bp)
+
+
+class InceptionE(nnx.Module):
+    """8x8 block with expanded filter banks: 1x1 320 | 1x1 384 -> (1x3 384, 3x1 384) |
+    1x1 448 -> 3x3 384 -> (1x3 384, 3x1 384) | avg -> 1x1 192. Output channels 2048."""
+
+    def __init__(self, in_chs: int, *, conv, rngs: nnx.Rngs):
+        self.branch1x1 = conv(in_chs, 320, 1, rngs=rngs)
+        self.branch3x3_1 = conv(in_chs, 384, 1, rngs=rngs)
+        self.branch3x3_2a = conv(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+        self.branch3x3_2b = conv(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+        self.branch3x3dbl_1 = conv(in_chs, 448, 1, rngs=rngs)
+        self.branch3x3dbl_2 = conv(448, 384, 3, padding=1, rngs=rngs)
+        self.branch3x3dbl_3a = conv(384, 384, (1, 3), padding=(0, 1), rngs=rngs)
+        self.branch3x3dbl_3b = conv(384, 384, (3, 1), padding=(1, 0), rngs=rngs)
+        self.branch_pool = conv(in_chs, 192, 1, rngs=rngs)
+
+    def __call__(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = _cat(self.branch3x3_2a(b3), self.branch3x3_2b(b3))
+        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3d = _cat(self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d))
+        bp = self.branch_pool(_avg_pool_3x3(x))
+        return _cat(b1, b3, b3d, bp)
+
+
+class InceptionAux(nnx.Module):
+    """Auxiliary classifier on the 17x17 grid: 5x5/3 avg pool -> 1x1 conv 128 -> 5x5 conv 768
+    (valid) -> global average pool -> fc. Needs a Mixed_6e map of at least 17x17."""
+
+    def __init__(self, in_chs: int, num_classes: int, *, conv, linear, fc_init,
+                 rngs: nnx.Rngs):
+        self.conv0 = conv(in_chs, 128, 1, rngs=rngs)
+        self.conv1 = conv(128, 768, 5, rngs=rngs)
+        self.fc = linear(768, num_classes, kernel_init=fc_init, rngs=rngs)
+
+    def __call__(self, x):
+        x = ops.avg_pool2d(x, 5, stride=3)
+        x = self.conv1(self.conv0(x))
+        x = ops.adaptive_avg_pool2d(x, 1)  # (N, 1, 1, 768): NHWC and NCHW flatten agree
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+# ------------------------------------------------------------------------------------ model
+
+class InceptionV3(nnx.Module):
+    """Inception-v3 as torchvision's ``Inception3`` (aux_logits=True, transform_input=False
+    defaults).
+
+    Output contract: in eval mode ``model(x)`` returns logits (N, num_classes). In train mode with
+    ``aux_logits=True`` it returns ``{"logits": ..., "aux": ...}`` (the aux head taps Mixed_6e);
+    with ``aux_logits=False`` it returns logits. ``aux_logits=False`` builds no ``AuxLogits``.
+    Train / eval mode is ``model.train()`` / ``model.eval()`` (BatchNorm's use_running_average).
+
+    ``feature_maps(x)`` returns, in order (channels, nominal stride), NHWC: ``Conv2d_4a_3x3``
+    (192, 4), ``Mixed_5d`` (288, 8), ``Mixed_6e`` (768, 16), ``Mixed_7c`` (2048, 32); the convs
+    and pools are unpadded, so sizes are a little below size / stride (299 -> 71, 35, 17, 8).
+    ``transform_input`` is applied first, in ``__call__`` and ``feature_maps`` alike.
+
+    Input: NHWC float (N, H, W, 3). 299x299 native. The minimum input is 75x75 (smaller raises
+    ValueError); in train mode the aux head additionally needs Mixed_6e >= 17x17, i.e. an input
+    of at least 299x299 (smaller raises ValueError). ``dtype`` is the compute dtype; parameters
+    and BN statistics are float32.
+    Init as torchvision: conv and linear weights truncated normal std 0.1 (cut at +-2 absolute),
+    except AuxLogits.fc std 0.001; linear biases torch default; BN weight 1 / bias 0. (torchvision
+    also tags AuxLogits.conv1 with std 0.01, but on the wrapper module, so its conv gets 0.1;
+    we reproduce that effective init.)
+    """
+
+    min_input_size = 75
+
+    def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
+                 transform_input: bool = False, drop_rate: float = 0.5, *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.aux_logits = aux_logits
+        self.transform_input = transform_input
+        self.feature_info = {"Conv2d_4a_3x3": (192, 4), "Mixed_5d": (288, 8),
+                             "Mixed_6e": (768, 16), "Mixed_7c": (2048, 32)}
+        w_init = initializers.trunc_normal(0.1, -2.0, 2.0)
+        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=w_init)
+        linear = functools.partial(Linear, dtype=dtype)
+        blk = dict(conv=conv, rngs=rngs)
+
+        self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2, rngs=rngs)
+        self.Conv2d_2a_3x3 = conv(32, 32, 3, rngs=rngs)
+        self.Conv2d_2b_3x3 = conv(32, 64, 3, padding=1, rngs=rngs)
+        self.maxpool1 = MaxPool2d(3, stride=2)
+        self.Conv2d_3b_1x1 = conv(64, 80, 1, rngs=rngs)
+        self.Conv2d_4a_3x3 = conv(80, 192, 3, rngs=rngs)
+        self.maxpool2 = MaxPool2d(3, stride=2)
+        self.Mixed_5b = InceptionA(192, pool_features=32, **blk)
+        self.Mixed_5c = InceptionA(256, pool_features=64, **blk)
+        self.Mixed_5d = InceptionA(288, pool_features=64, **blk)
+        self.Mixed_6a = InceptionB(288, **blk)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128, **blk)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160, **blk)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160, **blk)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192, **blk)
+        self.AuxLogits = (InceptionAux(768, num_classes, conv=conv, linear=linear,
+                                       fc_init=initializers.trunc_normal(0.001, -2.0, 2.0),
+                                       rngs=rngs)
+                          if aux_logits else None)
+        self.Mixed_7a = InceptionD(768, **blk)
+        self.Mixed_7b = InceptionE(1280, **blk)
+        self.Mixed_7c = InceptionE(2048, **blk)
+        self.avgpool = AdaptiveAvgPool2d(1)
+        self.dropout = Dropout(drop_rate, rngs=rngs)
+        self.fc = linear(2048, num_classes, kernel_init=w_init, rngs=rngs)
+
+    @property
+    def training(self) -> bool:
+        """True after ``model.train()`` (BatchNorm uses batch statistics), as torch's flag."""
+        return not self.Conv2d_1a_3x3.bn.use_running_average
+
+    def _features(self, x, with_aux: bool):
+        """One pass through the body: (feature maps by name, aux logits by name)."""
+        check_input(x, self.min_input_size, type(self).__name__)
+        if self.transform_input:
+            x = transform_input(x)
+        # OrderedDict: jax keeps its key order through jit (a plain dict comes back sorted)
+        feats, aux = collections.OrderedDict(), {}
+        if with_aux and min(x.shape[1:3]) < 299:  # Mixed_6e < 17x17 exactly when input < 299
+            raise ValueError(f"{type(self).__name__}: x: the aux head (train mode, "
+                             f"aux_logits=True) needs an input of at least 299x299, "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_3b_1x1(self.maxpool1(x))
+        x = feats["Conv2d_4a_3x3"] = self.Conv2d_4a_3x3(x)
+        x = self.maxpool2(x)
+        x = feats["Mixed_5d"] = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
+        x = self.Mixed_6a(x)
+        x = feats["Mixed_6e"] = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
+        if with_aux:
+            aux["aux"] = self.AuxLogits(x)
+        feats["Mixed_7c"] = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
+        return feats, aux
+
+    def feature_maps(self, x) -> dict:
+        """The per-stage NHWC feature maps named in the class docstring, in order."""
+        return self._features(x, with_aux=False)[0]
+
+    def __call__(self, x):
+        with_aux = self.training and self.aux_logits
+        feats, aux = self._features(x, with_aux)
+        x = self.avgpool(feats["Mixed_7c"])
+        logits = self.fc(self.dropout(x.reshape(x.shape[0], -1)))
+        if with_aux:
+            return collections.OrderedDict(logits=logits, **aux)
+        return logits
+
+
+# ---------------------------------------------------------------------------------- builder
+
+def _inception_v3(**kwargs) -> InceptionV3:
+    return InceptionV3(**kwargs)
+
+
+# ------------------------------------------------------------------------------ entry points
+
+@register_model
+def inception_v3(**kwargs) -> InceptionV3:
+    return _inception_v3(**kwargs)
