@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -86,7 +87,7 @@ def load_weights(model, path: str | os.PathLike):
         raise ConversionError(f"{path} does not fit {type(model).__name__} ({len(problems)} problems):\n  "
                               + "\n  ".join(problems))
     for k, v in leaves.items():
-        v[...] = given[k].astype(v.dtype)
+        v.set_value(jnp.asarray(given[k], v.dtype))
     return model
 
 

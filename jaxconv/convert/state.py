@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -103,7 +104,7 @@ def from_torch(model, state_dict: Mapping, strict: bool = True):
         raise ConversionError(f"state_dict does not fit {type(model).__name__} "
                               f"({len(problems)} problems):\n  " + "\n  ".join(problems))
     for var, value in updates:
-        var[...] = value
+        var.set_value(jnp.asarray(value))  # `var[...] =` would compile an update per shape
     return model
 
 
