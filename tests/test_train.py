@@ -1,0 +1,374 @@
+"""The training entry point: CLI, data, the real train_and_evaluate loop, resume, multi-device.
+
+Cheap model: `resnext_tiny` (tests/train_models.py), the real ResNeXt class with one bottleneck
+per stage, registered in the test processes only. Compilations are cached on disk across the
+test processes (JAX's persistent compilation cache) so the subprocess tests do not pay them
+twice. Slow tier: the digits learning run to >= 90% and resnext50_32x4d on mocked ImageNet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import tests.train_models  # noqa: F401  (registers resnext_tiny)
+from train import input_pipeline
+from train.config import Config
+from train.imagenet import build_parser, main
+from train.trainer import NonFiniteLossError, load_init_weights, create_model, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(tempfile.gettempdir(), "jaxconv-test-xla-cache")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+# the small digits run every fast test shares (same shapes: compiled programs are reused)
+DIGITS = dict(model="resnext_tiny", dataset="digits", image_size=32, batch_size=32,
+              warmup_epochs=0.0, progress=False, log_every_steps=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache():
+    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                               "jax_persistent_cache_min_compile_time_secs",
+                                               "jax_persistent_cache_min_entry_size_bytes")}
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+def _cli(args, *, env=None, devices=1, **popen):
+    """`python -m train.imagenet ARGS` in a fresh process with resnext_tiny registered."""
+    code = ("import sys, tests.train_models; from train.imagenet import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    full_env = {**os.environ, **CACHE_ENV, "PYTHONPATH": ROOT, **(env or {})}
+    if devices > 1:
+        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return [sys.executable, "-c", code, *args], full_env, popen
+
+
+def _run_cli(args, **kw):
+    cmd, env, popen = _cli(args, **kw)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          **popen)
+
+
+def _flags(**cfg) -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        else:
+            out += [flag, str(v)]
+    return out
+
+
+def _restore(workdir, like=None, step=None):
+    """(step, state) of a run's checkpoint (default: the latest) on this process's first device;
+    `like`: a state of the same structure (needed when the run used another device count)."""
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if like is None:
+            return step, mngr.restore(step, args=ocp.args.StandardRestore())
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              like)
+        return step, mngr.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _metrics(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+def test_help_documents_every_option_and_default():
+    text = build_parser().format_help()
+    for field in Config.__dataclass_fields__.values():
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text, flag
+        if field.default is not None and not isinstance(field.default, bool):
+            assert f"(default: {field.default})" in " ".join(text.split()), field.name
+    for dataset in ("imagenet2012", "tfds:NAME", "folder:PATH", "synthetic", "digits"):
+        assert dataset in text
+
+
+def test_derived_defaults():
+    c = Config(model="googlenet", batch_size=1024).resolved()
+    assert (c.aux_weight, c.image_size, c.learning_rate, c.weight_decay) == (0.3, 224, 0.4, 1e-4)
+    c = Config(model="inception_v3", optimizer="adamw").resolved()
+    assert (c.aux_weight, c.image_size, c.learning_rate, c.weight_decay) == (0.4, 299, 1e-3, 0.05)
+    assert Config(model="resnext50").resolved().model == "resnext50_32x4d"
+    assert input_pipeline.eval_resize_size(224) == 256
+    assert input_pipeline.eval_resize_size(299) == 342
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    assert main(["--model", "resnext9000", "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnext9000'" in err and "resnext50_32x4d" in err
+
+
+def test_missing_imagenet_says_which_files_to_put_where(tmp_path, capsys):
+    code = main(["--model", "resnext_tiny", "--data-dir", str(tmp_path / "tfds"),
+                 "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2
+    manual = os.path.join(str(tmp_path / "tfds"), "downloads", "manual")
+    for name in input_pipeline.IMAGENET_MANUAL_FILES:
+        assert os.path.join(manual, name) in err
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_unprepared_tfds_dataset_and_bad_folder_are_clear_errors(tmp_path):
+    with pytest.raises(input_pipeline.DatasetError, match="not prepared.*tfds build mnist"):
+        input_pipeline.get_source("tfds:mnist", data_dir=str(tmp_path))
+    with pytest.raises(input_pipeline.DatasetError, match="no train/ directory"):
+        input_pipeline.get_source(f"folder:{tmp_path}")
+    with pytest.raises(input_pipeline.DatasetError, match="expected imagenet2012, tfds:NAME"):
+        input_pipeline.get_source("cifar")
+
+
+def test_batch_not_divisible_by_device_count_is_a_clear_error(tmp_path):
+    r = _run_cli(["--model", "resnext_tiny", "--dataset", "digits", "--batch-size", "33",
+                  "--workdir", str(tmp_path)], devices=2)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "batch_size: must be a positive multiple of the device count (2 devices" in r.stderr
+    assert "got 33" in r.stderr
+
+
+# ---------------------------------------------------------------------------- input data
+
+def test_digits_pipeline_is_deterministic_and_resumable():
+    data = input_pipeline.create_dataset("digits", global_batch_size=64, eval_batch_size=100,
+                                         image_size=16, seed=3)
+    assert (data.num_classes, data.num_train, data.num_eval) == (10, 1500, 297)
+    assert data.steps_per_epoch == 1500 // 64
+    it = data.train_batches(0)
+    first = [next(it) for _ in range(data.steps_per_epoch + 2)]   # crosses an epoch boundary
+    assert first[0]["image"].shape == (64, 16, 16, 3) and first[0]["label"].dtype == np.int32
+    resumed = data.train_batches(data.steps_per_epoch - 1)
+    for k in (data.steps_per_epoch - 1, data.steps_per_epoch, data.steps_per_epoch + 1):
+        b = next(resumed)
+        np.testing.assert_array_equal(b["image"], first[k]["image"])
+        np.testing.assert_array_equal(b["label"], first[k]["label"])
+    # a new permutation each epoch
+    assert not np.array_equal(first[0]["label"], first[data.steps_per_epoch]["label"])
+    evals = list(data.eval_batches())
+    assert len(evals) == data.eval_steps == 3
+    assert sum(int(b["mask"].sum()) for b in evals) == 297
+
+
+def test_imagenet_preprocessing_shapes_and_determinism():
+    import tensorflow as tf
+    rng = np.random.RandomState(0)
+    img = rng.randint(0, 256, size=(50, 80, 3), dtype=np.uint8)
+    jpeg = tf.io.encode_jpeg(img)
+    png = tf.io.encode_png(img)
+    seed = tf.constant([1, 2], tf.int64)
+    a = input_pipeline.preprocess_train(jpeg, seed, 24).numpy()
+    b = input_pipeline.preprocess_train(jpeg, seed, 24).numpy()
+    c = input_pipeline.preprocess_train(jpeg, tf.constant([1, 3], tf.int64), 24).numpy()
+    assert a.shape == (24, 24, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert input_pipeline.preprocess_train(png, seed, 24).shape == (24, 24, 3)
+    # eval: the centre crop of the shorter side, ImageNet mean/std normalisation
+    e = input_pipeline.preprocess_eval(tf.constant(img), 32).numpy()
+    assert e.shape == (32, 32, 3)
+    flat = np.full((40, 60, 3), 124, np.uint8)
+    np.testing.assert_allclose(input_pipeline.preprocess_eval(tf.io.encode_png(flat), 8).numpy(),
+                               np.broadcast_to((124 - np.array(input_pipeline.MEAN_RGB))
+                                               / np.array(input_pipeline.STDDEV_RGB), (8, 8, 3)),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- train_and_evaluate
+
+def _mock_imagenet(tmp_path, model, **overrides):
+    import tensorflow_datasets as tfds
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    for name in input_pipeline.IMAGENET_MANUAL_FILES:  # present: the (mocked) build may run
+        (manual / name).write_bytes(b"")
+    cfg = Config(model=model, dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                 manual_dir=str(manual), image_size=32, batch_size=4, num_train_steps=2,
+                 progress=False, log_every_steps=1, **overrides)
+    with tfds.testing.mock_data(num_examples=8):
+        return train_and_evaluate(cfg, str(tmp_path / "work"))
+
+
+@pytest.mark.parametrize("model", ["resnext_tiny", "googlenet"])
+def test_train_and_evaluate_on_mocked_imagenet(tmp_path, model):
+    summary = _mock_imagenet(tmp_path, model)
+    work = tmp_path / "work"
+    assert summary["steps"] == 2 and summary["checkpoint_step"] == 2
+    assert 0.0 <= summary["eval_top1"] <= summary["eval_top5"] <= 1.0
+    train = _metrics(work)
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] >= 0 for r in train)
+    # near-zero initial logits over 1000 classes: each cross entropy ~ ln(1000); GoogLeNet adds
+    # its two aux losses with weight 0.3 each (its paper) -> (1 + 2 * 0.3) ln(1000)
+    expected = (1.6 if model == "googlenet" else 1.0) * np.log(1000)
+    assert abs(train[0]["loss"] - expected) < 0.1 * expected, (train[0]["loss"], expected)
+    assert [r["step"] for r in _metrics(work, "eval")] == [2]
+    assert os.listdir(work / "tensorboard")
+    step, state = _restore(str(work))
+    assert step == 2 and int(state["step"]) == 2
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_resnext50_on_mocked_imagenet(tmp_path):
+    summary = _mock_imagenet(tmp_path, "resnext50", batch_size=2)
+    assert summary["model"] == "resnext50_32x4d" and summary["checkpoint_step"] == 2
+
+
+def test_short_digits_run_learns_and_keeps_the_bookkeeping(tmp_path, capsys):
+    cfg = Config(**DIGITS, num_train_steps=24, base_lr=0.8, checkpoint_every_steps=8,
+                 keep_checkpoints=2)
+    summary = train_and_evaluate(cfg, str(tmp_path))
+    train = _metrics(str(tmp_path))
+    losses, accuracy = [r["loss"] for r in train], [r["accuracy"] for r in train]
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
+    assert np.mean(accuracy[-6:]) > 0.3, accuracy   # chance is 0.1 (eval lags: BN statistics)
+    assert 0.0 <= summary["eval_top1"] <= 1.0
+    out = capsys.readouterr().out
+    assert "validation: top-1" in out and "checkpoint: step 24" in out
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["16", "24"]   # keep-N
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = Config(**DIGITS, num_train_steps=6, base_lr=1e12, checkpoint_every_steps=1,
+                 label_smoothing=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"at step (\d+)") as err:
+        train_and_evaluate(cfg, str(tmp_path))
+    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    good, state = _restore(str(tmp_path))
+    assert good == bad - 1 and f"step {good}" in str(err.value)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+# ------------------------------------------------------------------ resume, multi-device
+
+def _final_state(workdir, like=None):
+    return _restore(workdir, like)[1]
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    n = 6  # checkpoint interval; the run is 2n steps, killed during the second interval
+    cfg = dict(DIGITS, num_train_steps=2 * n, checkpoint_every_steps=n, base_lr=0.8,
+               drop_rate=0.2)
+    whole = str(tmp_path / "whole")
+    train_and_evaluate(Config(**cfg), whole)
+
+    split = str(tmp_path / "split")
+    cmd, env, _ = _cli(_flags(**cfg, workdir=split))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 500
+    metrics = os.path.join(split, "metrics.jsonl")
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and any(r["step"] >= n + 2 for r in _metrics(split)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted(os.listdir(os.path.join(split, "checkpoints")))
+    assert ckpts == [str(n)], ckpts   # killed between the two checkpoints
+    # a checkpoint that was being written when the process died is never read
+    os.makedirs(os.path.join(split, "checkpoints", f"{2 * n - 1}.orbax-checkpoint-tmp"))
+
+    r = _run_cli(_flags(**cfg, workdir=split))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {os.path.join(split, 'checkpoints')}/{n} (step {n}/{2 * n})" in r.stdout
+    a, b = _final_state(whole), _final_state(split)
+    assert int(a["step"]) == int(b["step"]) == 2 * n
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_two_devices_match_one(tmp_path):
+    """The same run on a 2-device mesh (batch sharded, state replicated) and on 1 device.
+
+    After one step the whole state (params, BatchNorm statistics, momentum) agrees to fp32
+    rounding relative to each array's scale, and so do the losses of the first two steps (the
+    third to 1e-4). Later states
+    are not compared elementwise: upscaled digits give max-pool windows with (near-)ties, and a
+    last-bit difference flips which element receives the gradient.
+    """
+    cfg = dict(DIGITS, num_train_steps=3, base_lr=0.1, eval_batch_size=64,
+               checkpoint_every_steps=1)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train_and_evaluate(Config(**cfg), one)
+    r = _run_cli(_flags(**cfg, workdir=two), devices=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 2 cpu device(s)" in r.stdout
+    a = _restore(one, step=1)[1]
+    b = _restore(two, like=a, step=1)[1]
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        scale = float(np.max(np.abs(x))) if np.size(x) else 0.0
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(scale, 1e-6),
+                                   err_msg=jax.tree_util.keystr(path))
+    la, lb = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(two)]
+    np.testing.assert_allclose(la[:2], lb[:2], rtol=1e-5)   # computed from the compared states
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+    ea, eb = _metrics(one, "eval")[-1], _metrics(two, "eval")[-1]
+    assert abs(ea["loss"] - eb["loss"]) < 1e-2 * ea["loss"] and abs(ea["top1"] - eb["top1"]) < 0.02
+
+
+# ------------------------------------------------------------------------- --init-from
+
+def test_init_from_torch_and_jaxconv_checkpoints_with_a_new_head(tmp_path):
+    from safetensors.numpy import save_file
+    from jaxconv.convert import ConversionError, save_weights, to_torch
+    src = create_model(Config(model="resnext_tiny", seed=5).resolved(), 1000)
+    sd = to_torch(src)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "torch.safetensors"))
+    save_weights(src, tmp_path / "jax.safetensors")
+    for name, head_names in (("torch.safetensors", ["fc.bias", "fc.weight"]),
+                             ("jax.safetensors", ["fc.bias", "fc.kernel"])):
+        cfg = Config(model="resnext_tiny", init_from=str(tmp_path / name)).resolved()
+        for classes in (1000, 10):   # same head: everything loads; 10 classes: a fresh fc
+            model = create_model(cfg, classes)
+            new_head = load_init_weights(model, cfg, classes)
+            assert new_head == ([] if classes == 1000 else head_names), (name, new_head)
+            fresh, got = to_torch(create_model(cfg, classes)), to_torch(model)
+            for k, v in got.items():
+                want = fresh[k] if classes != 1000 and k.startswith("fc.") else sd[k]
+                np.testing.assert_array_equal(v, want, err_msg=f"{name} {classes} {k}")
+    bad = dict(sd)
+    bad.pop("layer1.0.conv1.weight")
+    bad["extra.weight"] = np.zeros(3, np.float32)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    cfg = Config(model="resnext_tiny", init_from=str(tmp_path / "bad.safetensors")).resolved()
+    with pytest.raises(ConversionError, match="(?s)missing in checkpoint: layer1.0.conv1.weight"
+                                              ".*unexpected in checkpoint: extra.weight"):
+        load_init_weights(create_model(cfg, 10), cfg, 10)
+
+
+# --------------------------------------------------------------------------- learning
+
+@pytest.mark.slow
+def test_small_resnext_learns_digits_to_90_percent(tmp_path):
+    cfg = Config(**{**DIGITS, "log_every_steps": 20}, num_epochs=4, base_lr=0.8,
+                 warmup_epochs=0.5)
+    t = time.time()
+    summary = train_and_evaluate(cfg, str(tmp_path))
+    print(f"resnext_tiny digits 32px: top-1 {summary['eval_top1']:.4f} after "
+          f"{summary['steps']} steps, {time.time() - t:.0f} s")
+    assert summary["eval_top1"] >= 0.90
