@@ -29,7 +29,7 @@ from jaxconv.models.registry import register_model
 from jaxconv.nn import init
 
 __all__ = ["Bottleneck", "ResNeXt", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-           "resnext152_32x4d"]
+           "resnext152_32x4d", "resnext50_32x4d_dcn"]
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -45,12 +45,13 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, groups: int = 1,
-                 width_per_group: int = 64, *, conv, norm):
+                 width_per_group: int = 64, *, conv, norm, deform=None):
         width = int(planes * width_per_group / 64) * groups
         out_chs = planes * self.expansion
         self.conv1 = conv(in_chs, width, 1)
         self.bn1 = norm(width)
-        self.conv2 = conv(width, width, 3, stride=stride, padding=1, groups=groups)
+        # `deform` (DCN stages): the grouped 3x3 becomes a modulated deformable conv
+        self.conv2 = (deform or conv)(width, width, 3, stride=stride, padding=1, groups=groups)
         self.bn2 = norm(width)
         self.conv3 = conv(width, out_chs, 1)
         self.bn3 = norm(out_chs)
@@ -73,7 +74,8 @@ class ResNeXt(nnx.Module):
     """ResNeXt with ``layers`` bottlenecks per stage, ``groups`` x ``width_per_group`` cardinality.
 
     Output contract: ``model(x)`` takes NHWC float input (N, H, W, 3) and returns logits
-    (N, num_classes) in train and eval mode.
+    (N, num_classes) in train and eval mode. ``stage_with_dcn`` swaps the 3x3 grouped convs of
+    the chosen stages for modulated deformable convs (nn.ModulatedDeformConv2dPack).
 
     ``feature_maps(x)`` returns, in order (channels, stride), NHWC:
     ``stem`` (64, 2; after the stem ReLU, before the max pool), ``layer1`` (256, 4),
@@ -90,11 +92,15 @@ class ResNeXt(nnx.Module):
                     "layer3": (1024, 16), "layer4": (2048, 32)}
 
     def __init__(self, layers, groups: int, width_per_group: int, num_classes: int = 1000,
-                 drop_rate: float = 0.0, zero_init_residual: bool = False, *,
+                 drop_rate: float = 0.0, zero_init_residual: bool = False,
+                 stage_with_dcn=(False, False, False, False), *,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         conv = functools.partial(nn.Conv2d, bias=False, dtype=dtype, param_dtype=param_dtype,
                                  kernel_init=init.kaiming_normal_fan_out, rngs=rngs)
         norm = functools.partial(nn.BatchNorm2d, dtype=dtype, param_dtype=param_dtype)
+        # mmcv's init for the deformable weight, conv_offset zero (mmdet's DCN ResNeXt)
+        deform = functools.partial(nn.ModulatedDeformConv2dPack, bias=False, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
         self.conv1 = conv(3, 64, 7, stride=2, padding=3)
         self.bn1 = norm(64)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -104,7 +110,8 @@ class ResNeXt(nnx.Module):
             blocks = []
             for j in range(depth):
                 blocks.append(Bottleneck(in_chs, planes, stride if j == 0 else 1, groups,
-                                         width_per_group, conv=conv, norm=norm))
+                                         width_per_group, conv=conv, norm=norm,
+                                         deform=deform if stage_with_dcn[i] else None))
                 in_chs = planes * Bottleneck.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -156,3 +163,10 @@ def resnext101_64x4d(**kwargs) -> ResNeXt:
 @register_model
 def resnext152_32x4d(**kwargs) -> ResNeXt:
     return _resnext((3, 8, 36, 3), 32, 4, **kwargs)
+
+
+@register_model
+def resnext50_32x4d_dcn(**kwargs) -> ResNeXt:
+    """ResNeXt-50 32x4d with modulated deformable 3x3 convs (one offset group, zero-initialised
+    offset/mask conv) in layer2-layer4 (the paper's conv3-conv5), as mmdetection's DCNv2 configs."""
+    return _resnext((3, 4, 6, 3), 32, 4, stage_with_dcn=(False, True, True, True), **kwargs)

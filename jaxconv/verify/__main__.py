@@ -1,4 +1,10 @@
-"""python -m jaxconv.verify --ops: jaxconv vs PyTorch on the op grid, as a table; exit 1 on any FAIL."""
+"""python -m jaxconv.verify: jaxconv against PyTorch.
+
+--ops                the op grid (every op and odd configuration, forward and gradients)
+--model NAME         one model: torch_ref (random init or --checkpoint) converted to jaxconv
+--all                every registered model
+Exit status 1 on any failure.
+"""
 from __future__ import annotations
 
 import argparse
@@ -27,13 +33,38 @@ def verify_ops() -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxconv.verify", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m jaxconv.verify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", action="store_true", help="verify every op of the op grid")
+    parser.add_argument("--model", help="verify one registered model, e.g. resnext50_32x4d")
+    parser.add_argument("--all", action="store_true", help="verify every registered model")
+    parser.add_argument("--checkpoint", help="torch checkpoint for --model (default: seeded random init)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="jaxconv compute dtype (default: float32)")
+    parser.add_argument("--size", type=int, help="input resolution (default: the model's native size)")
+    parser.add_argument("--batch", type=int, default=4, help="images per check (default: 4)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     args = parser.parse_args(argv)
-    if not args.ops:
-        parser.error("nothing to verify: pass --ops")
+    if not (args.ops or args.model or args.all):
+        parser.error("nothing to verify: pass --ops, --model NAME or --all")
+    if args.checkpoint and not args.model:
+        parser.error("--checkpoint needs --model")
     jax.config.update("jax_default_matmul_precision", "highest")
-    return 0 if verify_ops() else 1
+    import torch
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    ok = verify_ops() if args.ops else True
+    if args.model or args.all:
+        from jaxconv.models import list_models
+        from jaxconv.verify.models import verify_model
+        for name in list_models() if args.all else [args.model]:
+            try:
+                ok &= verify_model(name, checkpoint=args.checkpoint, dtype=args.dtype,
+                                   size=args.size, batch=args.batch, num_classes=args.num_classes)
+            except (ValueError, RuntimeError) as e:  # unknown name, checkpoint that does not fit
+                print(f"FAIL {name}: {e}", file=sys.stderr)
+                ok = False
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

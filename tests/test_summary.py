@@ -1,0 +1,39 @@
+"""Model summary: parameter and multiply-add totals equal the published numbers."""
+import pytest
+from flax import nnx
+
+from jaxconv import nn
+from jaxconv.models import create_model
+from jaxconv.summary import main, summarize
+
+
+@pytest.mark.parametrize("name, kwargs, params, gmacs", [
+    ("resnext50_32x4d", {}, 25_028_904, 4.23),            # torchvision's published numbers
+    ("googlenet", {"aux_logits": False}, 6_624_904, 1.50),
+])
+def test_published_totals(name, kwargs, params, gmacs):
+    _, total_params, total_macs = summarize(create_model(name, **kwargs), 224)
+    assert total_params == params
+    assert round(total_macs / 1e9, 2) == gmacs
+
+
+def test_separable_conv_costs_one_over_out_plus_one_over_k_squared():
+    """The papers' cost argument on a layer: depthwise separable / standard = 1/C_out + 1/k^2."""
+    class Wrap(nnx.Module):
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, x):
+            return self.layer(x[..., :1].repeat(64, axis=-1))
+
+    r = nnx.Rngs(0)
+    _, _, standard = summarize(Wrap(nn.Conv2d(64, 128, 3, padding=1, rngs=r)), 16)
+    _, _, separable = summarize(Wrap(nn.SeparableConv2d(64, 128, 3, padding=1, rngs=r)), 16)
+    assert separable / standard == pytest.approx(1 / 128 + 1 / 9)
+
+
+def test_cli_prints_totals(capsys):
+    assert main(["mobilenet_v1", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "total parameters: 4,231,976" in out  # timm mobilenetv1_100's parameter count
+    assert main(["no_such_model"]) == 1
