@@ -12,6 +12,7 @@ from typing import Sequence
 import jax.numpy as jnp
 from jax import lax
 
+from jaxconv.ops import grouped
 from jaxconv.ops._args import check_rank, pair
 
 Pad = tuple[tuple[int, int], tuple[int, int]]
@@ -113,7 +114,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
               for n, (lo, hi), k, d, s in zip(in_hw, pads, (kh, kw), dilation, stride)]
     _check_output_size(in_hw, out_hw, f"kernel_size={(kh, kw)}, dilation={dilation}, padding={pads}")
     dtype = jnp.result_type(x, weight)
-    y = lax.conv_general_dilated(
+    # groups > 1: the backend-aware lowering of ops/grouped.py (lax's own on GPU / TPU)
+    conv = lax.conv_general_dilated if groups == 1 else grouped.conv_general_dilated
+    y = conv(
         x.astype(dtype), weight.astype(dtype), window_strides=stride, padding=pads,
         rhs_dilation=dilation, dimension_numbers=_DIMS, feature_group_count=groups,
         preferred_element_type=_accumulation(dtype))
