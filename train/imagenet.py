@@ -6,8 +6,8 @@ device of every host, resuming from the latest complete checkpoint in --workdir.
 
 Multi-host: start the same command on every host (SLURM `srun`, `mpirun`, or with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set); jax.distributed.initialize()
-is called when a launcher is detected (--distributed auto) and each host reads its share of the
-data. --workdir must be on storage every host can see.
+is called when a launcher is detected (--distributed auto; `on` forces it, e.g. on TPU pods) and
+each host reads its share of the data. --workdir must be on storage every host can see.
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ import sys
 import typing
 
 from train.config import Config
-
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,12 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-    """jax.distributed.initialize() under a cluster launcher (before any other JAX call)."""
+    """jax.distributed.initialize() under a cluster launcher (before any other JAX call).
+
+    SLURM, Open MPI and Kubernetes/TPU environments are detected by JAX itself; a manual
+    launch sets JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID on every host.
+    """
     import jax
-    detected = any(os.environ.get(k) for k in _CLUSTER_ENV[:1]) or any(
-        int(os.environ.get(k, "1") or 1) > 1 for k in _CLUSTER_ENV[1:])
+    detected = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or any(
+        int(os.environ.get(k, "1") or 1) > 1 for k in ("OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"))
     if mode == "on" or (mode == "auto" and detected):
-        jax.distributed.initialize()
+        kwargs = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)
 
 
 def main(argv=None) -> int:

@@ -259,6 +259,17 @@ def _progress(total: int, initial: int, enabled: bool):
 
 # ----------------------------------------------------------------------------- the run
 
+def replicate(tree, sharding):
+    """Host values (the same on every host) as global arrays with `sharding` (replicated over
+    every device of every host; jax.device_put only reaches this host's devices)."""
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(one, tree)
+
+
 def _check_divisible(config: Config) -> None:
     n = jax.device_count()
     for what, b in (("batch_size", config.batch_size), ("eval_batch_size", config.eval_batch_size)):
@@ -319,9 +330,23 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
     ckpt_every = config.checkpoint_every_steps or steps_per_epoch
 
-    # model, optimizer, state
-    model = create_model(config, num_classes)
-    if config.init_from:
+    # checkpoints: orbax writes to a temporary directory and renames it when complete, so a
+    # kill at any moment leaves only complete checkpoints visible to latest_step(). Saving is
+    # synchronous: once per epoch it costs little, and nothing else touches files meanwhile.
+    ckpt = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=False))
+    resume = ckpt.latest_step()
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    # model, optimizer, state. A resumed run restores every array, so it only traces the model
+    # (no initialisation) and takes the dropout keys from a jitted build (XLA drops the rest).
+    build = lambda: create_model(config, num_classes)  # noqa: E731
+    model = nnx.eval_shape(build) if resume is not None else build()
+    if config.init_from and resume is None:
         new_head = load_init_weights(model, config, num_classes)
         if lead:
             print(f"init: loaded {config.init_from}"
@@ -331,31 +356,21 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     model.eval()
     eval_graphdef = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
     tx, schedule = create_optimizer(config, total_steps, steps_per_epoch)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-             "opt_state": tx.init(params)}
-
-    # sharding: batch along "data", everything else replicated
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
-    rest = jax.device_put(rest, replicated)
-
-    # checkpoints: orbax writes to a temporary directory and renames it when complete, so a
-    # kill at any moment leaves only complete checkpoints visible to latest_step(). Saving is
-    # synchronous: once per epoch it costs little, and nothing else touches files meanwhile.
-    ckpt = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                             cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=False))
-    start_step = 0
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                state)
-        state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
+    if resume is None:
+        state = replicate({"step": jnp.zeros((), jnp.int32), "params": params,
+                           "batch_stats": batch_stats, "opt_state": tx.init(params)}, replicated)
+        start_step = 0
+    else:
+        rest = jax.jit(lambda: nnx.split(build(), nnx.Param, nnx.BatchStat, ...)[3])()
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+                    "batch_stats": batch_stats, "opt_state": jax.eval_shape(tx.init, params)}
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        state = ckpt.restore(resume, args=ocp.args.StandardRestore(abstract))
         start_step = int(state["step"])
         if lead:
             print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}/{total_steps})")
+    rest = replicate(rest, replicated)
 
     train_step = jax.jit(make_train_step(graphdef, rest, tx, schedule, config, num_classes),
                          in_shardings=(replicated, batch_sharding),
