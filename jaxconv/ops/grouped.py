@@ -106,19 +106,43 @@ def _plan(name: str, x_shape, w_shape, geo: Geometry) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- formulations
 
-def _windows(x, geo: Geometry):
-    """(Ho, Wo) and the kh x kw strided windows of the zero-padded (and input-dilated) `x`:
-    window (i, j) holds the input that kernel tap (i, j) multiplies for every output pixel."""
+def _windows(x, geo: Geometry, padded: bool):
+    """(H_out, W_out) and, per kernel tap (i, j), what it multiplies: (window, (r0, r1),
+    (c0, c1)), the strided slice of the input that the tap reads for the output rows [r0, r1)
+    and columns [c0, c1), or None if the tap only ever reads padding. An input dilation (the
+    input gradient of a strided conv) is applied with lax.pad first.
+
+    padded=False: slices of `x` itself, covering only the outputs where the tap does not fall
+    into the padding (no padded copy: the big depthwise maps stay out of XLA's temporary
+    buffer). padded=True: slices of a zero-padded copy, covering every output (plain slices
+    keep the many-term grouped sums vectorised)."""
     (lo_h, hi_h), (lo_w, hi_w) = geo.pads
     ld_h, ld_w = geo.lhs_dilation
-    xp = lax.pad(x, jnp.zeros((), x.dtype),
-                 ((0, 0, 0), (lo_h, hi_h, ld_h - 1), (lo_w, hi_w, ld_w - 1), (0, 0, 0)))
-    n, hp, wp, c = xp.shape
+    if padded or geo.lhs_dilation != (1, 1):
+        x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo_h, hi_h, ld_h - 1) if padded else
+                                                (0, 0, ld_h - 1), (lo_w, hi_w, ld_w - 1) if padded
+                                                else (0, 0, ld_w - 1), (0, 0, 0)))
+    n, h, w_in, c = x.shape
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    wins = [[lax.slice(xp, (0, i * dh, j * dw, 0),
-                       (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                       (1, sh, sw, 1)) for j in range(kw)] for i in range(kh)]
+    if padded:
+        lo_h = hi_h = lo_w = hi_w = 0
+    ho = (h + lo_h + hi_h - dh * (kh - 1) - 1) // sh + 1
+    wo = (w_in + lo_w + hi_w - dw * (kw - 1) - 1) // sw + 1
+    wins = []
+    for i in range(kh):
+        r0, r1 = _valid(h, ho, i * dh - lo_h, sh)
+        row = []
+        for j in range(kw):
+            c0, c1 = _valid(w_in, wo, j * dw - lo_w, sw)
+            if r0 == r1 or c0 == c1:
+                row.append(None)
+                continue
+            y0, x0 = r0 * sh + i * dh - lo_h, c0 * sw + j * dw - lo_w
+            win = lax.slice(x, (0, y0, x0, 0),
+                            (n, y0 + (r1 - r0 - 1) * sh + 1, x0 + (c1 - c0 - 1) * sw + 1, c),
+                            (1, sh, sw, 1))
+            row.append((win, (r0, r1), (c0, c1)))
+        wins.append(row)
     return (ho, wo), wins
 
 
@@ -134,7 +158,9 @@ def _fma(x, w, geo: Geometry, precision=None):
         # c * m + k), then it is a multiplier-1 depthwise conv
         x = jnp.repeat(x, cout_per_group, axis=-1)
         cout_per_group, groups = 1, cout
-    (ho, wo), wins = _windows(x, geo)
+    if kh * kw * cin_per_group > _FUSE_TERMS and cin_per_group > 1 and cout_per_group > 1:
+        return _fma_tap_loop(x, w, geo)
+    (ho, wo), wins = _windows(x, geo, padded=cin_per_group > 1)
     n = x.shape[0]
     y = None
 
@@ -145,17 +171,59 @@ def _fma(x, w, geo: Geometry, precision=None):
     for i in range(kh):
         for j in range(kw):
             win = wins[i][j]
+            if win is None:                             # the tap only ever reads padding
+                continue
+            win, (r0, r1), (c0, c1) = win
+            rows, cols = r1 - r0, c1 - c0
+            place = ((0, 0), (r0, ho - r1), (c0, wo - c1))   # the tap's valid outputs
+            pad = (lambda a, p: jnp.pad(a, p)) if (rows, cols) != (ho, wo) else (lambda a, p: a)
             if cin_per_group == 1:                      # depthwise: vectorised over C
-                acc(win * w[i, j, 0])
+                acc(pad(win * w[i, j, 0], place + ((0, 0),)))
             elif cout_per_group == 1:                   # one output per group
-                xs = win.reshape(n, ho, wo, groups, cin_per_group)
+                xs = win.reshape(n, rows, cols, groups, cin_per_group)
                 for c in range(cin_per_group):
-                    acc(xs[..., c] * w[i, j, c])
+                    acc(pad(xs[..., c] * w[i, j, c], place + ((0, 0),)))
             else:                                       # accumulate in (..., G, C_out/G)
-                xs = win.reshape(n, ho, wo, groups, cin_per_group)
                 wr = w[i, j].reshape(cin_per_group, groups, cout_per_group)
                 for c in range(cin_per_group):
-                    acc(xs[..., c:c + 1] * wr[c])
+                    # channel c of every group: a strided slice (one use each, so that XLA
+                    # fuses all of them into one loop)
+                    xc = lax.slice_in_dim(win, c, win.shape[3], cin_per_group, axis=3)
+                    acc(pad(xc[..., None] * wr[c], place + ((0, 0), (0, 0))))
+    if y is None:
+        return jnp.zeros((n, ho, wo, cout), x.dtype)
+    return y.reshape(n, ho, wo, cout)
+
+
+_FUSE_TERMS = 72    # multiply-adds per output element that XLA:CPU still fuses and vectorises
+
+
+def _fma_tap_loop(x, w, geo: Geometry):
+    """`_fma` for many input channels per group (C_in/G >= 16): one loop iteration per tap,
+    each a loop fusion of C_in/G vectorised multiply-adds into the running output (one fusion
+    of all kh*kw*C_in/G terms is past what XLA:CPU fuses and LLVM vectorises)."""
+    kh, kw, cin_per_group, cout = w.shape
+    groups = geo.groups
+    cout_per_group = cout // groups
+    (lo_h, hi_h), (lo_w, hi_w) = geo.pads
+    ld_h, ld_w = geo.lhs_dilation
+    xp = lax.pad(x, jnp.zeros((), x.dtype),
+                 ((0, 0, 0), (lo_h, hi_h, ld_h - 1), (lo_w, hi_w, ld_w - 1), (0, 0, 0)))
+    n, hp, wp, cin = xp.shape
+    (sh, sw), (dh, dw) = geo.stride, geo.dilation
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    wt = w.reshape(kh * kw, cin_per_group, groups, cout_per_group)
+
+    def tap(t, y):
+        win = lax.dynamic_slice(xp, (0, (t // kw) * dh, (t % kw) * dw, 0),
+                                (n, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin))
+        win = win[:, ::sh, ::sw]
+        wr = lax.dynamic_index_in_dim(wt, t, 0, keepdims=False)
+        for c in range(cin_per_group):
+            y = y + lax.slice_in_dim(win, c, cin, cin_per_group, axis=3)[..., None] * wr[c]
+        return y
+
+    y = lax.fori_loop(0, kh * kw, tap, jnp.zeros((n, ho, wo, groups, cout_per_group), x.dtype))
     return y.reshape(n, ho, wo, cout)
 
 
@@ -221,10 +289,20 @@ def _valid(n_in: int, n_out: int, offset: int, stride: int):
     return o0, max(o0, o1)
 
 
-def _tap_sums(x, gy, w_shape, geo: Geometry):
-    """(taps, G, C_in/G, C_out/G): for every tap, the products of its input window and the
-    output cotangent summed over output columns (one-column slices, each tap one loop fusion)
-    and then over (N, H_out) by a reduction of the small stacked row sums."""
+_MAX_TERMS = 96     # products per sum in one loop fusion (LLVM stops vectorising near ~128)
+
+
+def _wgrad_cols(x, gy, w_shape, geo: Geometry):
+    """Weight gradient of a grouped conv without materialising any product tensor.
+
+    dw[i, j, c, o] = sum over n, r, w of x[n, r*sh + i*dh - pad, w*sw + j*dw - pad, c]
+    * gy[n, r, w, o] (c, o within a group). Per tap, the products of one-column slices of x and
+    gy are summed over the output columns: one loop fusion per tap (per block of at most
+    _MAX_TERMS columns) that reads its operands along image rows and writes only
+    (N, H_out, G, C_in/G, C_out/G) row sums; one reduction of the stacked row sums over
+    (N, H_out) finishes. (A reduce of the products would have XLA:CPU materialise each tap's
+    product tensor first; summing over rows instead of columns strides by a whole image row
+    per term and thrashes the caches.)"""
     kh, kw, cin_per_group, cout = w_shape
     groups = geo.groups
     cout_per_group = cout // groups
@@ -233,67 +311,66 @@ def _tap_sums(x, gy, w_shape, geo: Geometry):
     (sh, sw), (dh, dw) = geo.stride, geo.dilation
     (lo_h, _), (lo_w, _) = geo.pads
     # channels as (G, C_in/G, C_out/G) with the size-1 axes dropped (depthwise: just C), so
-    # that the innermost axis is a real vector axis
+    # that the innermost axis is a vector axis
     inner = (groups,) + tuple(d for d in (cin_per_group, cout_per_group) if d > 1)
-    xg = x.reshape(n, h, w_in, *inner[:2] if cin_per_group > 1 else inner[:1])
-    gg = gy.reshape(n, ho, wo, groups, *((cout_per_group,) if cout_per_group > 1 else ()))
+    xg = x.reshape(n, h, w_in, *((groups, cin_per_group) if cin_per_group > 1 else (groups,)))
+    gg = gy.reshape(n, ho, wo, *((groups, cout_per_group) if cout_per_group > 1 else (groups,)))
     if cin_per_group > 1 and cout_per_group > 1:
         xg, gg = xg[..., None], gg[..., None, :]
     elif cout_per_group > 1:                          # depth multiplier: x broadcast over it
         xg = xg[..., None]
     elif cin_per_group > 1:                           # one output per group
         gg = gg[..., None]
-    sums, owner = [], []                              # row sums and the tap each belongs to
+    xdims = xg.ndim - 3
+    sums, owner = [], []                              # column sums and their kernel row
     for i in range(kh):
         r0, r1 = _valid(h, ho, i * dh - lo_h, sh)
-        for j in range(kw):
-            c0, c1 = _valid(w_in, wo, j * dw - lo_w, sw)
-            if r0 == r1 or c0 == c1 or n == 0:
-                continue
-            y0 = r0 * sh + i * dh - lo_h
-            # at most _MAX_TERMS columns per sum: LLVM stops vectorising longer sums
-            chunks = -(-(c1 - c0) // _MAX_TERMS)
-            step = -(-(c1 - c0) // chunks)
-            for a0 in range(c0, c1, step):
-                acc = None
-                for c in range(a0, min(a0 + step, c1)):
-                    x1 = c * sw + j * dw - lo_w
-                    xc = lax.slice_in_dim(lax.slice_in_dim(xg, x1, x1 + 1, axis=2),
-                                          y0, (r1 - 1) * sh + i * dh - lo_h + 1, sh, axis=1)
-                    term = xc[:, :, 0] * gg[:, r0:r1, c]   # (N, rows, G[, C_in/G][, C_out/G])
-                    acc = term if acc is None else acc + term
-                sums.append(jnp.pad(acc, ((0, 0), (r0, ho - r1)) + ((0, 0),) * len(inner)))
-                owner.append(i * kw + j)
+        if r0 == r1 or n == 0:
+            continue
+        y0, y1 = r0 * sh + i * dh - lo_h, (r1 - 1) * sh + i * dh - lo_h + 1
+        blocks = -(-wo // _MAX_TERMS)
+        step = -(-wo // blocks)
+        for a0 in range(0, wo, step):
+            acc = None
+            for c in range(a0, min(a0 + step, wo)):
+                # the input columns of the kw taps for output column c: one strided slice
+                cols = [c * sw + j * dw - lo_w for j in range(kw)]
+                j0 = next((j for j in range(kw) if cols[j] >= 0), kw)
+                j1 = next((j for j in range(kw) if cols[j] >= w_in), kw)
+                if j0 >= j1:
+                    continue
+                xc = lax.slice(xg, (0, y0, cols[j0]) + (0,) * xdims,
+                               (n, y1, cols[j1 - 1] + 1) + xg.shape[3:], (1, sh, dw) + (1,) * xdims)
+                if (j0, j1) != (0, kw):
+                    xc = jnp.pad(xc, ((0, 0), (0, 0), (j0, kw - j1)) + ((0, 0),) * xdims)
+                term = xc * gg[:, r0:r1, c, None]          # (N, rows, kw, G[, ...])
+                acc = term if acc is None else acc + term
+            if acc is not None:
+                sums.append(jnp.pad(acc, ((0, 0), (r0, ho - r1)) + ((0, 0),) * (1 + len(inner))))
+                owner.append(i)
     if not sums:
-        return jnp.zeros((kh * kw, groups, cin_per_group, cout_per_group), x.dtype)
-    per_sum = jnp.sum(jnp.stack(sums), axis=(1, 2))   # (sums, G[, C_in/G][, C_out/G])
-    dw_ = jnp.zeros((kh * kw,) + inner, x.dtype).at[np.asarray(owner)].add(per_sum)
-    return dw_.reshape(kh * kw, groups, cin_per_group, cout_per_group)
-
-
-_WG_CHUNK = [1]
-_MAX_TERMS = 96
-
-
-def _wgrad_cols(x, gy, w_shape, geo: Geometry):
-    """Weight gradient of a grouped conv without materialising any product tensor: per
-    chunk of images (so that each tap's pass over the chunk hits the caches), the tap sums
-    of `_tap_sums`, accumulated over the chunks in a loop."""
-    kh, kw, cin_per_group, cout = w_shape
-    n = x.shape[0]
-    chunk = _WG_CHUNK[0]
-    if n == 0:
         return jnp.zeros(w_shape, x.dtype)
-    if chunk >= n or n % chunk:
-        dw_ = _tap_sums(x, gy, w_shape, geo)
-    else:
-        xs = x.reshape(n // chunk, chunk, *x.shape[1:])
-        gs = gy.reshape(n // chunk, chunk, *gy.shape[1:])
-        def body(acc, xg):
-            return acc + _tap_sums(xg[0], xg[1], w_shape, geo), None
-        zero = jnp.zeros((kh * kw, geo.groups, cin_per_group, cout // geo.groups), x.dtype)
-        dw_, _ = lax.scan(body, zero, (xs, gs))
-    return dw_.transpose(0, 2, 1, 3).reshape(kh, kw, cin_per_group, cout)
+    per_sum = jnp.sum(jnp.stack(sums), axis=(1, 2))   # (sums, kw, G[, C_in/G][, C_out/G])
+    dw_ = jnp.zeros((kh, kw) + inner, x.dtype).at[np.asarray(owner)].add(per_sum)
+    dw_ = dw_.reshape(kh, kw, groups, cin_per_group, cout_per_group)
+    return dw_.transpose(0, 1, 3, 2, 4).reshape(kh, kw, cin_per_group, cout)
+
+
+def _fenced(fn, key, *args):
+    """fn(*args) behind a conditional that XLA cannot see through.
+
+    The formulations above are loop fusions of cheap ops (slices, multiplies, adds), which
+    XLA's fusion passes freely duplicate: without a fence a consumer of the result (a
+    BatchNorm, its backward, a ReLU mask) recomputes the whole convolution inside its own
+    loop, once per consumer, and the producers of the operands (the previous BatchNorm and
+    ReLU) are recomputed once per kernel tap. The operands and results of a conditional are
+    buffers, so they are computed once. The predicate is always true (every float is finite,
+    infinite or NaN) but XLA does not know it; the other branch is never run."""
+    k = key.reshape(-1)[0]
+    always = jnp.isfinite(k) | jnp.isnan(k) | jnp.isinf(k)
+    shapes = jax.eval_shape(fn, *args)
+    never = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    return lax.cond(always, fn, never, *args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +383,8 @@ class _Plan:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _custom(x, w, plan: _Plan):
-    return _FORWARD[plan.forward](x, w, plan.geo, plan.precision)
+    fwd = functools.partial(_FORWARD[plan.forward], geo=plan.geo, precision=plan.precision)
+    return _fenced(fwd, w, x, w)
 
 
 def _custom_fwd(x, w, plan: _Plan):
@@ -319,8 +397,9 @@ def _custom_bwd(plan: _Plan, res, gy):
     geo = plan.geo
     in_hw, out_hw = x.shape[1:3], gy.shape[1:3]
     geo_t = _transposed(w.shape, geo, in_hw, out_hw)
-    dx = _FORWARD[plan.input_grad](gy, transposed_kernel(w, geo.groups), geo_t, plan.precision)
-    dw = _wgrad_cols(x, gy, w.shape, geo)
+    dx_fn = functools.partial(_FORWARD[plan.input_grad], geo=geo_t, precision=plan.precision)
+    dx = _fenced(dx_fn, w, gy, transposed_kernel(w, geo.groups))
+    dw = _fenced(functools.partial(_wgrad_cols, w_shape=w.shape, geo=geo), w, x, gy)
     return dx, dw
 
 
