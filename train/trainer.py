@@ -300,6 +300,18 @@ def _check_workdir(workdir: str, config: Config) -> None:
             json.dump({**_run_record(config), "config": dataclasses.asdict(config)}, f, indent=1)
 
 
+def checkpoint_manager(directory: str, keep: int):
+    """orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp` and renames it to
+    `<step>` when complete, so a kill at any moment leaves only complete checkpoints visible to
+    latest_step(); leftovers are removed when the next run opens the directory. Saving is
+    synchronous: once per epoch it costs little, and nothing else touches files meanwhile."""
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=False))
+
+
 def _compilation_cache(path: str | None) -> None:
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
@@ -330,14 +342,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
     ckpt_every = config.checkpoint_every_steps or steps_per_epoch
 
-    # checkpoints: orbax writes to a temporary directory and renames it when complete, so a
-    # kill at any moment leaves only complete checkpoints visible to latest_step(). Saving is
-    # synchronous: once per epoch it costs little, and nothing else touches files meanwhile.
-    ckpt = ocp.CheckpointManager(
-        os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                             cleanup_tmp_directories=True,
-                                             enable_async_checkpointing=False))
+    ckpt = checkpoint_manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
     resume = ckpt.latest_step()
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
