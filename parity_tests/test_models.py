@@ -68,12 +68,17 @@ FP64_ATOL = 1e-7  # float64 train outputs (measured worst: 5e-9, inception_v3)
 # with the aux head at the native size under -m slow.
 TRAIN_KWARGS = {"inception_v3": {"aux_logits": False}}
 # Compiles dominate this file's time. The CPU formulations of jaxconv.ops.grouped (the default
-# lowering) currently compile ~5x slower than lax's grouped convolutions (resnext50 float64
-# train step: 149 s vs 31 s; eval forward 33 s vs 4 s), so the train step, and the small-input
-# eval of the HEAVY models, are traced with lax's ("xla"); the eval tests of the others run the
-# default (at 299, xception's depthwise convs run ~10x slower under "xla", which XLA:CPU
-# rewrites as dense convolutions). The grouped formulations have their own parity tests.
+# lowering) compile 3-4x slower than lax's grouped convolutions (a resnext50 train step at batch
+# 8: 27 s vs 7 s on 2 cores) and run much faster, which pays off at real sizes but not on
+# these small inputs; so the float64 train step, and the small-input eval of the HEAVY models,
+# are traced with lax's ("xla"), and the train step runs again under the default lowering for
+# the models with grouped / depthwise convs (resnext50 and mobilenet_v1 by default, xception
+# under -m slow). The eval tests of the others run the default lowering. The grouped
+# formulations have their own parity tests (parity_tests/test_grouped.py).
 FAST_LOWERING = "xla"
+# The models with grouped or depthwise convs, whose train step also runs with the default
+# lowering (the slow ones under -m slow).
+GROUPED, GROUPED_SLOW = {"resnext50_32x4d", "xception", "mobilenet_v1"}, {"xception"}
 
 
 def _small_hw(model, size: int = 64) -> tuple[int, int]:
@@ -297,7 +302,8 @@ def _check_train_fp32(name, tm, kwargs, hw):
         _assert_close(f"{name} train output {k}", outs[k], t.numpy(), t64[k].numpy())
 
 
-def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None):
+def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None,
+                           lowering=FAST_LOWERING):
     """One train step computed in float64 on both sides (float32 weights, so both compute the
     same function): every head's output, the gradient of sum(output * cot) w.r.t. the input and
     every parameter, and the BN running statistics afterwards."""
@@ -308,7 +314,7 @@ def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None):
     rng = np.random.default_rng(4)
     cot = {k: rng.standard_normal(tuple(v.shape)) for k, v in t_outs.items()}
     sum((v * torch.from_numpy(cot[k])).sum() for k, v in t_outs.items()).backward()
-    with jax.enable_x64(True), config.use_grouped_lowering(FAST_LOWERING), \
+    with jax.enable_x64(True), config.use_grouped_lowering(lowering), \
             warnings.catch_warnings():
         # BatchNorm2d writes its float64 statistics update into its float32 variables
         warnings.filterwarnings("ignore", "scatter inputs have incompatible types", FutureWarning)
@@ -402,6 +408,17 @@ def test_train_step_grads_and_bn_stats_fp64(pair, record_property):
     name, tm, jm = pair
     _check_train_step_fp64(name, tm, TRAIN_KWARGS.get(name, {}), _check_hw(jm, 32),
                            record_property)
+
+
+@pytest.mark.parametrize("pair", _models(slow=GROUPED_SLOW, only=GROUPED), indirect=True)
+def test_train_step_fp64_with_the_default_grouped_lowering(pair, record_property):
+    """The float64 train step again, traced with the library's default lowering of grouped and
+    depthwise convs (jaxconv.ops.grouped's CPU formulations and their custom VJP) for the models
+    that have them."""
+    name, tm, jm = pair
+    assert config.grouped_lowering == "auto"
+    _check_train_step_fp64(name, tm, TRAIN_KWARGS.get(name, {}), _check_hw(jm, 32),
+                           record_property, lowering="auto")
 
 
 @pytest.mark.slow

@@ -104,8 +104,8 @@ def model(request):
 
 # ------------------------------------------------------------------------------ jitted steps
 # Traced with lax's grouped convolutions: these tests are about the models, and the default
-# CPU formulations of jaxconv.ops.grouped currently compile ~5x slower; the parity
-# eval tests run the default lowering.
+# CPU formulations of jaxconv.ops.grouped compile 3-4x slower (they run faster, which small test
+# inputs do not need); parity_tests/test_models.py runs the default lowering.
 LOWERING = "xla"
 
 
