@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,7 @@ from torch_ref.models.googlenet import transform_input as ttransform
 from jaxconv.convert.state import _torch_shape, torch_items
 from jaxconv.models import create_model
 from parity_tests.tolerances import BN_STATS, MODEL_LOGITS_ATOL
+from tests.zoo import reference
 
 NUM_CLASSES = 10
 NATIVE = {"googlenet": 224, "inception_v3": 299}
@@ -47,8 +46,6 @@ SMALL = {"googlenet": (65, 97), "inception_v3": (75, 107)}  # odd, non-square, >
 TRAIN_BATCH = {"googlenet": 3, "inception_v3": 4}
 AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 HEADS = {"googlenet": ("logits", "aux1", "aux2"), "inception_v3": ("logits", "aux")}
-FIXTURES = (Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-            / "reference_state_dicts.json")
 NAMES = ["googlenet", "inception_v3"]
 
 
@@ -283,7 +280,7 @@ def test_round_trip_is_bit_exact(name, aux):
 def test_keys_and_param_counts(name):
     """Key sets and shapes equal torch_ref's with and without aux heads; parameter counts equal
     torchvision's (fixture) and, for GoogLeNet without aux, 6,624,904."""
-    reference = json.loads(FIXTURES.read_text())[name]
+    ref = reference(name)
     counts = {}
     for aux in (True, False):
         jmodel = nnx.eval_shape(lambda: create_model(name, aux_logits=aux))
@@ -297,7 +294,7 @@ def test_keys_and_param_counts(name):
         counts[aux] = sum(int(np.prod(v.shape))
                           for v in jax.tree.leaves(nnx.state(jmodel, nnx.Param)))
         assert counts[aux] == sum(p.numel() for p in tmodel.parameters())
-    assert counts[True] == reference["num_params"]
+    assert counts[True] == ref["num_params"]
     if name == "googlenet":
         assert counts[False] == 6_624_904
 

@@ -23,9 +23,7 @@ round trip and parameter count run by default.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +37,8 @@ from jaxconv import config
 from jaxconv.convert import from_torch, to_torch
 from jaxconv.models import create_model, input_size, list_models
 from parity_tests.tolerances import BN_STATS, MODEL_LOGITS_ATOL
+from tests.zoo import HEAVY, params, reference
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference_state_dicts.json"
-FIXTURE_KEY = {"xception": "legacy_xception", "mobilenet_v1": "mobilenetv1_100"}
-BIG = {"resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d"}
-# native size and train step under -m slow only: the big variants and the deformable ResNeXt
-# (jaxconv.ops.deform has its own parity tests; its model wiring is checked by the eval tests)
-HEAVY = BIG | {"resnext50_32x4d_dcn"}
 MODELS = list_models()
 
 # Eval logits and feature maps: MODEL_LOGITS_ATOL (features: times the map's scale when above
@@ -209,8 +202,7 @@ def pair(request):
 
 
 def _models(slow=frozenset(), only=None):
-    names = [n for n in MODELS if only is None or n in only]
-    return [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in slow else []) for n in names]
+    return params(MODELS, slow, only)
 
 
 # ------------------------------------------------------------------------------ jitted steps
@@ -453,6 +445,5 @@ def test_state_dict_round_trip_and_param_count(pair):
 
     count = _num_params_jax(jm)
     assert count == _num_params_torch(tm)
-    fixture = json.loads(FIXTURE.read_text())
-    if FIXTURE_KEY.get(name, name) in fixture:
-        assert count == fixture[FIXTURE_KEY.get(name, name)]["num_params"]
+    if reference(name) is not None:
+        assert count == reference(name)["num_params"]

@@ -14,9 +14,7 @@ dominate: one float32 eval, one bf16 eval and one train forward per model.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +30,8 @@ from jaxconv.models.mobilenet import MobileNetV1
 from jaxconv.models.registry import ALIASES
 from jaxconv.models.resnext import ResNeXt
 from jaxconv.models.xception import Xception
+from tests.zoo import BIG, HEAVY, params, reference
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference_state_dicts.json"
-FIXTURE_KEY = {"xception": "legacy_xception", "mobilenet_v1": "mobilenetv1_100"}
-BIG = {"resnext101_32x8d", "resnext101_64x4d", "resnext152_32x4d"}
-# compiled checks under -m slow only: the big variants and the deformable ResNeXt (its eval
-# parity with torch runs by default in parity_tests)
-HEAVY = BIG | {"resnext50_32x4d_dcn"}
 MODELS = list_models()
 NUM_CLASSES = 10
 # Keywords for models whose heads need more than a small input in train mode: inception_v3's aux
@@ -47,8 +40,7 @@ SMALL_INPUT_KWARGS = {"inception_v3": {"aux_logits": False}}
 
 
 def _models(slow=frozenset(), only=None):
-    names = [n for n in MODELS if only is None or n in only]
-    return [pytest.param(n, id=n, marks=[pytest.mark.slow] if n in slow else []) for n in names]
+    return params(MODELS, slow, only)
 
 
 def _abstract(name: str, **kwargs):
@@ -281,12 +273,11 @@ def _torch_shape(name: str, shape: tuple) -> list[int]:
     return list(reversed(shape)) if name == "kernel" else list(shape)
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if FIXTURE_KEY.get(n, n) in
-                                  json.loads(FIXTURE.read_text())])
+@pytest.mark.parametrize("name", [n for n in MODELS if reference(n) is not None])
 def test_keys_shapes_and_param_count_match_fixture(name):
     """Parameter paths / shapes are the torchvision / timm state_dict (num_batches_tracked aside)
     and the parameter count is theirs."""
-    ref = json.loads(FIXTURE.read_text())[FIXTURE_KEY.get(name, name)]
+    ref = reference(name)
     m = _abstract(name)
     got = {k: _torch_shape(path[-1], v.shape) for k, (path, v) in torch_items(m).items()}
     want = {k: list(s) for k, s in ref["state_dict"].items()

@@ -12,7 +12,6 @@ import functools
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from torch import nn
 
 from torch_ref import create_model, list_models, register_model
 from torch_ref.models import googlenet as googlenet_mod
+from tests.zoo import FIXTURE
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "reference_state_dicts.json"
 REFERENCE = json.loads(FIXTURE.read_text())
 
 CANONICAL = ["googlenet", "inception_v3", "mobilenet_v1", "resnext101_32x8d", "resnext101_64x4d",
