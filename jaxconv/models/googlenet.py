@@ -218,14 +218,8 @@ class GoogLeNet(nnx.Module):
         return logits
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _googlenet(**kwargs) -> GoogLeNet:
-    return GoogLeNet(**kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def googlenet(**kwargs) -> GoogLeNet:
-    return _googlenet(**kwargs)
+    return GoogLeNet(**kwargs)

@@ -288,14 +288,8 @@ class InceptionV3(nnx.Module):
         return logits
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _inception_v3(**kwargs) -> InceptionV3:
-    return InceptionV3(**kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def inception_v3(**kwargs) -> InceptionV3:
-    return _inception_v3(**kwargs)
+    return InceptionV3(**kwargs)

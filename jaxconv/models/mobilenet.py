@@ -123,14 +123,8 @@ class MobileNetV1(nnx.Module):
         return self.classifier(self.dropout(x))
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _mobilenet_v1(**kwargs) -> MobileNetV1:
-    return MobileNetV1(**kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def mobilenet_v1(**kwargs) -> MobileNetV1:
-    return _mobilenet_v1(**kwargs)
+    return MobileNetV1(**kwargs)

@@ -202,14 +202,8 @@ class GoogLeNet(nn.Module):
         return logits
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _googlenet(**kwargs) -> GoogLeNet:
-    return GoogLeNet(**kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def googlenet(**kwargs) -> GoogLeNet:
-    return _googlenet(**kwargs)
+    return GoogLeNet(**kwargs)

@@ -142,32 +142,26 @@ class ResNeXt(nn.Module):
         return self.fc(self.dropout(x))
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _resnext(layers: list[int], groups: int, width_per_group: int, **kwargs) -> ResNeXt:
-    return ResNeXt(layers, groups, width_per_group, **kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def resnext50_32x4d(**kwargs) -> ResNeXt:
-    return _resnext([3, 4, 6, 3], 32, 4, **kwargs)
+    return ResNeXt([3, 4, 6, 3], 32, 4, **kwargs)
 
 
 @register_model
 def resnext101_32x8d(**kwargs) -> ResNeXt:
-    return _resnext([3, 4, 23, 3], 32, 8, **kwargs)
+    return ResNeXt([3, 4, 23, 3], 32, 8, **kwargs)
 
 
 @register_model
 def resnext101_64x4d(**kwargs) -> ResNeXt:
-    return _resnext([3, 4, 23, 3], 64, 4, **kwargs)
+    return ResNeXt([3, 4, 23, 3], 64, 4, **kwargs)
 
 
 @register_model
 def resnext152_32x4d(**kwargs) -> ResNeXt:
-    return _resnext([3, 8, 36, 3], 32, 4, **kwargs)
+    return ResNeXt([3, 8, 36, 3], 32, 4, **kwargs)
 
 
 @register_model
@@ -175,4 +169,4 @@ def resnext50_32x4d_dcn(**kwargs) -> ResNeXt:
     """ResNeXt-50 32x4d with modulated deformable 3x3 convs in layer2-layer4 (conv3-conv5), the
     DCNv2 setting of mmdetection's DCN ResNeXt configs; at init it equals resnext50_32x4d with
     every deformable conv's output halved (mask = sigmoid(0))."""
-    return _resnext([3, 4, 6, 3], 32, 4, stage_with_dcn=(False, True, True, True), **kwargs)
+    return ResNeXt([3, 4, 6, 3], 32, 4, stage_with_dcn=(False, True, True, True), **kwargs)

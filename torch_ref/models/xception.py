@@ -155,14 +155,8 @@ class Xception(nn.Module):
         return self.fc(self.dropout(x))
 
 
-# ---------------------------------------------------------------------------------- builder
-
-def _xception(**kwargs) -> Xception:
-    return Xception(**kwargs)
-
-
 # ------------------------------------------------------------------------------ entry points
 
 @register_model
 def xception(**kwargs) -> Xception:
-    return _xception(**kwargs)
+    return Xception(**kwargs)
