@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 
-GROUPED_LOWERINGS = ("auto", "xla", "fma", "split", "dense")
+GROUPED_LOWERINGS = ("auto", "xla", "kernel", "fma", "split", "dense")
 
 grouped_lowering: str = "auto"
 

@@ -26,7 +26,7 @@ from jaxconv.ops import grouped
 from jaxconv.verify.ops import CONV2D, OpCase, _torch_fn, run_case
 from parity_tests.tolerances import OP_BF16_RTOL, OP_FP32
 
-FORMULATIONS = ("xla", "fma", "split", "dense", "auto")
+FORMULATIONS = ("xla", "kernel", "fma", "split", "dense", "auto")
 
 
 def _conv(x, w, **kw):
@@ -213,8 +213,9 @@ def _hlo(platform, lowering="auto"):
         return jnp.sum(y * y)
 
     with config.use_grouped_lowering(lowering):
-        exp = jax.export.export(jax.jit(jax.grad(f, argnums=(0, 1, 2))), platforms=[platform])(
-            x, wd, wg)
+        # the C++ kernel's FFI targets carry no cross-version guarantee: export must be told
+        exp = jax.export.export(jax.jit(jax.grad(f, argnums=(0, 1, 2))), platforms=[platform],
+                                disabled_checks=grouped.EXPORT_CHECKS)(x, wd, wg)
     return exp.mlir_module()
 
 
@@ -230,13 +231,18 @@ def test_gpu_and_tpu_keep_lax_feature_group_count(platform):
 def test_cpu_auto_uses_no_grouped_lax_conv():
     text = _hlo("cpu")
     assert "feature_group_count" not in text
+    assert "@jaxconv_grouped_conv(" in text and "@jaxconv_grouped_conv_wgrad(" in text
     assert "feature_group_count = 8" in _hlo("cpu", "xla")
 
 
-def test_choose_table():
+def test_choose_table(monkeypatch):
     geo = grouped.Geometry((3, 3), groups=32)
     assert grouped.choose("gpu", None, (3, 3, 4, 128), geo) == "xla"
     assert grouped.choose("tpu", None, (3, 3, 1, 128), geo) == "xla"
+    for w_shape in ((3, 3, 1, 128), (3, 3, 4, 128), (3, 3, 32, 1024)):
+        assert grouped.choose("cpu", None, w_shape, geo) == "kernel"
+    # without a C++ compiler: the pure-JAX formulations
+    monkeypatch.setattr(grouped.cpu_kernel, "available", lambda: False)
     assert grouped.choose("cpu", None, (3, 3, 1, 128), geo) == "fma"
     assert grouped.choose("cpu", None, (3, 3, 4, 128), geo) == "fma"
     assert grouped.choose("cpu", None, (3, 3, 32, 1024), geo) == "split"
@@ -276,3 +282,79 @@ def test_vmap_and_jacrev_through_the_custom_vjp():
         with config.use_grouped_lowering(lowering):
             grads[lowering] = jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=(0, None))(x, w)
     jax.tree.map(lambda a, b: _close(a, b, "vmapped gradients"), grads["fma"], grads["xla"])
+    with config.use_grouped_lowering("kernel"):   # the FFI call, vmapped one example at a time
+        grads["kernel"] = jax.vmap(jax.grad(f, argnums=(0, 1)), in_axes=(0, None))(x, w)
+    jax.tree.map(lambda a, b: _close(a, b, "vmapped gradients"), grads["kernel"], grads["xla"])
+
+
+# ------------------------------------------------------------------- the C++ kernel itself
+
+def test_kernel_needs_a_compiler(monkeypatch):
+    """No C++ compiler: forcing 'kernel' names what is missing, 'auto' uses pure JAX."""
+    from jaxconv.ops import cpu_kernel
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*CXX='no-such-compiler'"):
+        cpu_kernel.load.__wrapped__()
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    x, w = jnp.ones((1, 5, 5, 16)), jnp.ones((3, 3, 2, 16))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, padding=1, groups=8))(x, w))
+    assert "ffi_call" not in jaxpr and "custom_vjp" in jaxpr
+
+
+def test_kernel_modes_in_float64():
+    """Every vector mode of grouped_cpu.cc (direct, broadcast, shuffle, expand) and the partial
+    last vector, with strides, dilations and crops, forward and both gradients, against lax in
+    float64 (where any indexing slip is far above rounding)."""
+    rng = np.random.default_rng(7)
+    # (x shape, C_out, groups, kernel, stride, padding, dilation): the mode each one hits
+    cases = [((2, 9, 7, 40), 40, 40, (3, 3), (2, 1), ((1, 1), (0, 2)), (1, 2)),     # direct
+             ((2, 6, 7, 64), 64, 2, (3, 2), (1, 2), ((2, 0), (1, 1)), (1, 1)),      # broadcast
+             ((2, 9, 8, 32), 32, 8, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # shuffle
+             ((1, 7, 9, 12), 24, 6, (2, 3), (1, 1), ((3, -1), (1, 2)), (2, 1)),     # shuffle, 2L
+             ((2, 8, 9, 10), 15, 5, (3, 3), (1, 2), ((1, 1), (1, 1)), (1, 1)),      # expand
+             ((2, 5, 6, 6), 12, 6, (3, 1), (1, 1), ((1, 1), (0, 0)), (1, 1))]       # multiplier 2
+    with jax.enable_x64(True):
+        for shape, cout, groups, k, stride, pads, dil in cases:
+            x = jnp.asarray(rng.standard_normal(shape))
+            w = jnp.asarray(rng.standard_normal((*k, shape[3] // groups, cout)))
+            outs = {}
+            for lowering in ("kernel", "xla"):
+                f = lambda x, w: grouped.grouped_conv(  # noqa: E731
+                    x, w, stride, pads, dil, groups, lowering=lowering)
+                y, vjp = jax.vjp(f, x, w)
+                outs[lowering] = (y, *vjp(jnp.cos(y)))
+            for what, a, b in zip(("forward", "x grad", "w grad"), outs["kernel"], outs["xla"]):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12,
+                                           err_msg=f"{what} {shape} groups={groups}")
+
+
+# ------------------------------------------------------------------------- pointwise convs
+
+POINTWISE = [_conv((3, 9, 7, 5), (6, 5, 1, 1), stride=s) for s in (1, 2, 3)] + [
+    _conv((2, 8, 8, 64), (32, 64, 1, 1), stride=(2, 1))]
+
+
+@pytest.mark.parametrize("lowering", ["auto", "xla"])
+@pytest.mark.parametrize("case", POINTWISE, ids=[c.id for c in POINTWISE])
+def test_pointwise_matches_torch(case, lowering):
+    with config.use_grouped_lowering(lowering):
+        r = run_case(case)
+        bf16 = run_case(dataclasses.replace(case, dtype="bfloat16"))
+    assert r.passed, f"{lowering} {case.id}: forward {r.forward:.3g}, gradients {r.grads}"
+    assert bf16.passed, f"{lowering} {case.id} bf16: forward {bf16.forward:.3g}"
+
+
+def test_pointwise_is_a_matrix_product_on_cpu_only():
+    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((1, 1, 8, 4))
+
+    def hlo(platform):   # a fresh jit each time: the lowering is read when traced
+        f = jax.grad(lambda x, w: jnp.sum(ops.conv2d(x, w, stride=2) ** 2), argnums=(0, 1))
+        return jax.export.export(jax.jit(f), platforms=[platform])(x, w).mlir_module()
+
+    cpu, gpu = hlo("cpu"), hlo("cuda")
+    assert "stablehlo.convolution" not in cpu and "stablehlo.dot_general" in cpu
+    assert "stablehlo.convolution" in gpu and "stablehlo.dot_general" not in gpu
+    with config.use_grouped_lowering("xla"):
+        assert "stablehlo.convolution" in hlo("cpu")
+    padded = str(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, padding=1))(x, w))
+    assert "conv_general_dilated" in padded and "dot_general" not in padded

@@ -114,9 +114,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
               for n, (lo, hi), k, d, s in zip(in_hw, pads, (kh, kw), dilation, stride)]
     _check_output_size(in_hw, out_hw, f"kernel_size={(kh, kw)}, dilation={dilation}, padding={pads}")
     dtype = jnp.result_type(x, weight)
-    # groups > 1: the backend-aware lowering of ops/grouped.py (lax's own on GPU / TPU)
-    conv = lax.conv_general_dilated if groups == 1 else grouped.conv_general_dilated
-    y = conv(
+    # grouped and 1x1 convs: the backend-aware lowering of ops/grouped.py (lax's on GPU / TPU)
+    y = grouped.conv_general_dilated(
         x.astype(dtype), weight.astype(dtype), window_strides=stride, padding=pads,
         rhs_dilation=dilation, dimension_numbers=_DIMS, feature_group_count=groups,
         preferred_element_type=_accumulation(dtype))

@@ -41,10 +41,11 @@ import numpy as np
 from jax import lax
 
 from jaxconv import config
+from jaxconv.ops import cpu_kernel
 
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 _DIMS = ("NHWC", "HWIO", "NHWC")
-FORMULATIONS = ("xla", "fma", "split", "dense")
+FORMULATIONS = ("xla", "kernel", "fma", "split", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,23 +70,25 @@ class Geometry:
 def choose(backend: str, x_shape, w_shape, geo: Geometry) -> str:
     """The formulation 'auto' uses for a grouped conv on `backend` (static shapes only).
 
-    CPU, measured on 2 cores (AVX-512), batch 8, jaxconv / torch 2.13 (oneDNN):
+    CPU, measured on 2 cores (AVX-512), batch 8, jaxconv / torch 2.13 (oneDNN), fwd+bwd:
 
-      layer kind                          best    why
-      depthwise (C_in/G == 1)             fma     9 taps of a multiply-add vectorised over C,
-                                                  one pass over the input; lax: dense conv with
-                                                  a C x C diagonal kernel
-      grouped, C_in/G <= 8 (ResNeXt       fma     36-72 FMAs per output vector, one fusion;
-        stages 1-2)                               lax: 32x the work
-      grouped, C_in/G >= 16 (ResNeXt      split   G dense convs of 16-32 channels run at dense
-        stages 3-4)                               speed; fma spills registers at 144+ taps
-      few wide groups (G <= 4)            split   each group is a large dense conv
+      layer kind                          kernel   best pure-JAX     why the kernel wins
+      depthwise (C_in/G == 1)             0.6-1.2  fma 0.7-1.7       one pass per gradient,
+                                                                     skips dilation holes
+      grouped, C_in/G <= 8 (ResNeXt       0.6-1.1  fma 2.2-3.0       a permute per term
+        stages 1-2)                                                  instead of XLA's gathers
+      grouped, C_in/G >= 16 (ResNeXt      1.1-1.8  split 2.1-4.0     broadcast FMAs, weight
+        stages 3-4)                                                  grad in registers
 
-    GPU / TPU: xla (cuDNN / the TPU compiler have grouped kernels; jax#13800 concerns the
-    backward on GPU, whose fix belongs to XLA:GPU).
+    Without a C++ compiler (``cpu_kernel.available()`` False) the pure-JAX choice: fma for
+    depthwise and C_in/G <= 8 (36-72 FMAs per output vector in one fusion), split (G dense
+    convs) for wider groups. GPU / TPU: xla (cuDNN / the TPU compiler have grouped kernels;
+    jax#13800 concerns the backward on GPU, whose fix belongs to XLA:GPU).
     """
     if backend != "cpu":
         return "xla"
+    if cpu_kernel.available():
+        return "kernel"
     kh, kw, cin_per_group, cout = w_shape
     groups = geo.groups
     if cin_per_group == 1 or (cin_per_group <= 8 and groups > 4):
@@ -261,7 +264,31 @@ def _dense(x, w, geo: Geometry, precision=None):
     return _dense_conv(x, block_diagonal(w, geo.groups), geo, precision)
 
 
-_FORWARD = {"xla": _xla, "fma": _fma, "split": _split, "dense": _dense}
+def _kernel(x, w, geo: Geometry, precision=None):
+    """The C++ direct convolution (grouped_cpu.cc through the XLA FFI; CPU only)."""
+    cpu_kernel.load()
+    ho, wo = geo.out_hw(x.shape[1:3])
+    shape = (x.shape[0], ho, wo, w.shape[3])
+    if 0 in shape or 0 in x.shape:
+        return jnp.zeros(shape, x.dtype)
+    (lo_h, _), (lo_w, _) = geo.pads
+    return jax.ffi.ffi_call("jaxconv_grouped_conv", jax.ShapeDtypeStruct(shape, x.dtype),
+                            vmap_method="sequential")(
+        x, w, **_attrs(sh=geo.stride[0], sw=geo.stride[1], dh=geo.dilation[0],
+                       dw=geo.dilation[1], lo_h=lo_h, lo_w=lo_w, ld_h=geo.lhs_dilation[0],
+                       ld_w=geo.lhs_dilation[1]))
+
+
+# For ``jax.export`` of a CPU computation that uses the kernel (its FFI targets are this
+# package's, with no cross-version guarantee): ``disabled_checks=grouped.EXPORT_CHECKS``.
+EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in cpu_kernel.TARGETS]
+
+
+def _attrs(**kw):
+    return {k: np.int64(v) for k, v in kw.items()}
+
+
+_FORWARD = {"xla": _xla, "kernel": _kernel, "fma": _fma, "split": _split, "dense": _dense}
 
 
 # ------------------------------------------------------------------------------- gradients
@@ -356,6 +383,17 @@ def _wgrad_cols(x, gy, w_shape, geo: Geometry):
     return dw_.transpose(0, 1, 3, 2, 4).reshape(kh, kw, cin_per_group, cout)
 
 
+def _wgrad_kernel(x, gy, w_shape, geo: Geometry):
+    """The weight gradient by the C++ kernel: per tap, row sums of products in registers."""
+    if 0 in x.shape or 0 in gy.shape:
+        return jnp.zeros(w_shape, x.dtype)
+    (lo_h, _), (lo_w, _) = geo.pads
+    return jax.ffi.ffi_call("jaxconv_grouped_conv_wgrad", jax.ShapeDtypeStruct(w_shape, x.dtype),
+                            vmap_method="sequential")(
+        x, gy, **_attrs(sh=geo.stride[0], sw=geo.stride[1], dh=geo.dilation[0],
+                        dw=geo.dilation[1], lo_h=lo_h, lo_w=lo_w))
+
+
 def _fenced(fn, key, *args):
     """fn(*args) behind a conditional that XLA cannot see through.
 
@@ -384,7 +422,12 @@ class _Plan:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _custom(x, w, plan: _Plan):
     fwd = functools.partial(_FORWARD[plan.forward], geo=plan.geo, precision=plan.precision)
-    return _fenced(fwd, w, x, w)
+    return _maybe_fenced(plan.forward, fwd, w, x, w)
+
+
+def _maybe_fenced(name, fn, key, *args):
+    """The kernel is one opaque custom call already; the fma formulations need the fence."""
+    return fn(*args) if name == "kernel" else _fenced(fn, key, *args)
 
 
 def _custom_fwd(x, w, plan: _Plan):
@@ -398,8 +441,11 @@ def _custom_bwd(plan: _Plan, res, gy):
     in_hw, out_hw = x.shape[1:3], gy.shape[1:3]
     geo_t = _transposed(w.shape, geo, in_hw, out_hw)
     dx_fn = functools.partial(_FORWARD[plan.input_grad], geo=geo_t, precision=plan.precision)
-    dx = _fenced(dx_fn, w, gy, transposed_kernel(w, geo.groups))
-    dw = _fenced(functools.partial(_wgrad_cols, w_shape=w.shape, geo=geo), w, x, gy)
+    dx = _maybe_fenced(plan.input_grad, dx_fn, w, gy, transposed_kernel(w, geo.groups))
+    if plan.forward == "kernel":
+        dw = _wgrad_kernel(x, gy, w.shape, geo)
+    else:
+        dw = _fenced(functools.partial(_wgrad_cols, w_shape=w.shape, geo=geo), w, x, gy)
     return dx, dw
 
 
@@ -463,29 +509,58 @@ def grouped_conv(x, w, stride=(1, 1), padding: Pairs = ((0, 0), (0, 0)), dilatio
     return lax.platform_dependent(x, w, cpu=lowered, default=native)
 
 
+def pointwise_conv(x, w, stride=(1, 1), *, preferred_element_type=None, precision=None,
+                   lowering: str | None = None):
+    """A dense 1x1 conv without padding on NHWC `x` and HWIO `w` (1, 1, C_in, C_out), as a
+    matrix product on CPU under 'auto': XLA:CPU's convolution runs a 1x1 conv 1.3-3x slower
+    than its own dot forward and backward (bench: ``python -m bench grouped --pointwise``),
+    and ResNeXt / MobileNet / Xception spend most of their multiply-adds in 1x1 convs. A
+    stride is a strided slice first. Other backends and lowerings: lax's conv."""
+    name = config.check_grouped_lowering(config.grouped_lowering if lowering is None else lowering)
+
+    def native(x, w):
+        return lax.conv_general_dilated(x, w, stride, ((0, 0), (0, 0)), None, None, _DIMS,
+                                        precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+    def matmul(x, w):
+        if stride != (1, 1):
+            x = x[:, ::stride[0], ::stride[1]]
+        return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+    if name != "auto" or jax.default_backend() != "cpu":
+        return native(x, w)
+    return lax.platform_dependent(x, w, cpu=matmul, default=native)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,
                          **kwargs):
     """Drop-in for ``lax.conv_general_dilated`` (e.g. ``nnx.Conv(...,
     conv_general_dilated=jaxconv.ops.grouped.conv_general_dilated)``): 2-D NHWC / HWIO
-    convolutions with ``feature_group_count > 1`` go through this module's lowering, everything
-    else straight to lax."""
-    routed = (feature_group_count > 1 and batch_group_count == 1 and lhs.ndim == 4
+    convolutions with ``feature_group_count > 1`` go through this module's lowering, and
+    unpadded 1x1 ones through ``pointwise_conv``; everything else straight to lax."""
+    routed = (batch_group_count == 1 and lhs.ndim == 4
               and all(d == 1 for d in (lhs_dilation or (1, 1)))
               and not any(v is not None for v in kwargs.values())
               and _is_nhwc(lhs.ndim, dimension_numbers))
-    if not routed:
-        return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-            **{k: v for k, v in kwargs.items() if v is not None})
-    dilation = tuple(rhs_dilation or (1, 1))
-    if isinstance(padding, str):
+    if routed and isinstance(padding, str):
+        dilation = tuple(rhs_dilation or (1, 1))
         window = [d * (k - 1) + 1 for k, d in zip(rhs.shape[:2], dilation)]
         padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
-    return grouped_conv(lhs, rhs, tuple(window_strides), padding, dilation, feature_group_count,
-                        preferred_element_type=preferred_element_type, precision=precision)
+    if routed and feature_group_count > 1:
+        return grouped_conv(lhs, rhs, tuple(window_strides), padding,
+                            tuple(rhs_dilation or (1, 1)), feature_group_count,
+                            preferred_element_type=preferred_element_type, precision=precision)
+    if routed and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
+        return pointwise_conv(lhs, rhs, tuple(window_strides), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+        **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def _is_nhwc(ndim: int, dimension_numbers) -> bool:
