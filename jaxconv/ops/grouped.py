@@ -87,10 +87,13 @@ def choose(backend: str, x_shape, w_shape, geo: Geometry) -> str:
     """
     if backend != "cpu":
         return "xla"
-    if cpu_kernel.available():
-        return "kernel"
     kh, kw, cin_per_group, cout = w_shape
     groups = geo.groups
+    if groups == 1:   # dense: the kernel only where XLA:CPU's conv is slow (few input channels)
+        small = kh * kw > 1 and cin_per_group <= _DENSE_MAX_CIN
+        return "kernel" if small and cpu_kernel.available() else "xla"
+    if cpu_kernel.available():
+        return "kernel"
     if cin_per_group == 1 or (cin_per_group <= 8 and groups > 4):
         return "fma"
     return "split"
@@ -101,10 +104,17 @@ def _plan(name: str, x_shape, w_shape, geo: Geometry) -> tuple[str, str]:
     if name != "auto":
         return name, name
     fwd = choose("cpu", x_shape, w_shape, geo)
-    # The input gradient is a grouped conv with C_out/G inputs per group; choose for it too.
     kh, kw, cin_per_group, cout = w_shape
+    if geo.groups == 1:
+        # dense: the kernel's input gradient needs whole vectors of input channels; a stem's
+        # 3 are lax's (and an image's gradient is rarely asked for)
+        return fwd, ("kernel" if fwd == "kernel" and cin_per_group % 16 == 0 else "xla")
+    # The input gradient is a grouped conv with C_out/G inputs per group; choose for it too.
     dx = choose("cpu", None, (kh, kw, cout // geo.groups, cin_per_group * geo.groups), geo)
     return fwd, (dx if fwd == "fma" else fwd)
+
+
+_DENSE_MAX_CIN = 32   # dense convs with at most this many input channels go to the kernel
 
 
 # ---------------------------------------------------------------------------- formulations
@@ -495,7 +505,7 @@ def grouped_conv(x, w, stride=(1, 1), padding: Pairs = ((0, 0), (0, 0)), dilatio
                                         feature_group_count=groups, precision=precision,
                                         preferred_element_type=preferred_element_type)
 
-    if name == "xla" or groups == 1 or ct is None:
+    if name == "xla" or ct is None or (groups == 1 and name != "auto"):
         return native(x, w)
 
     def lowered(x, w):
@@ -503,7 +513,8 @@ def grouped_conv(x, w, stride=(1, 1), padding: Pairs = ((0, 0), (0, 0)), dilatio
 
     if name != "auto":                                  # forced: on every backend
         return lowered(x, w)
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or (
+            groups == 1 and choose("cpu", x.shape, w.shape, geo) == "xla"):
         return native(x, w)
     # CPU by default: the CPU formulation only where the computation is lowered for CPU.
     return lax.platform_dependent(x, w, cpu=lowered, default=native)
@@ -550,13 +561,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         dilation = tuple(rhs_dilation or (1, 1))
         window = [d * (k - 1) + 1 for k, d in zip(rhs.shape[:2], dilation)]
         padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
-    if routed and feature_group_count > 1:
+    if routed and rhs.shape[:2] == (1, 1) and feature_group_count == 1 and all(
+            tuple(p) == (0, 0) for p in padding):
+        return pointwise_conv(lhs, rhs, tuple(window_strides), precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if routed:
         return grouped_conv(lhs, rhs, tuple(window_strides), padding,
                             tuple(rhs_dilation or (1, 1)), feature_group_count,
                             preferred_element_type=preferred_element_type, precision=precision)
-    if routed and rhs.shape[:2] == (1, 1) and all(tuple(p) == (0, 0) for p in padding):
-        return pointwise_conv(lhs, rhs, tuple(window_strides), precision=precision,
-                              preferred_element_type=preferred_element_type)
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type,
