@@ -2,8 +2,11 @@
 adaptive average pooling with torch's uneven windows."""
 from __future__ import annotations
 
-import numpy as np
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxconv.ops._args import check_rank, pair
@@ -40,18 +43,46 @@ def _window(x, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """torch.nn.functional.max_pool2d on NHWC `x` (padding counts as -inf)."""
+    """torch.nn.functional.max_pool2d on NHWC `x` (padding counts as -inf). The gradient goes
+    to the first maximum of each window in row-major order, NaN counting as a maximum: torch's
+    rule."""
     k, s, d, pads, out_hw = _window(x, kernel_size, stride, padding, dilation, ceil_mode)
-    init = np.array(-np.inf, x.dtype)  # concrete: jit keeps the differentiable max window
+    return _max_pool(x, (k, s, d, pads, out_hw))
+
+
+def _taps(x, window, fill):
+    """The k_h * k_w strided views of `x` padded with `fill`, one per window position, in
+    row-major order: tap t holds, for every output, the input under window position t."""
+    k, s, d, pads, out_hw = window
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
+    return [xp[:, i * d[0]:i * d[0] + (out_hw[0] - 1) * s[0] + 1:s[0],
+               j * d[1]:j * d[1] + (out_hw[1] - 1) * s[1] + 1:s[1]]
+            for i in range(k[0]) for j in range(k[1])]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _max_pool(x, window):
+    k, s, d, pads, out_hw = window
+    init = np.array(-np.inf, x.dtype)  # concrete: jit keeps the max window
     if d == (1, 1):
         y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
         return y[:, :out_hw[0], :out_hw[1]]
-    # XLA has no gradient for dilated max windows: take the max over the k_h * k_w strided taps.
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=init)
-    taps = [xp[:, i * d[0]:i * d[0] + (out_hw[0] - 1) * s[0] + 1:s[0],
-               j * d[1]:j * d[1] + (out_hw[1] - 1) * s[1] + 1:s[1]]
-            for i in range(k[0]) for j in range(k[1])]
-    return jnp.max(jnp.stack(taps), axis=0)
+    return jnp.max(jnp.stack(_taps(x, window, init)), axis=0)   # XLA: no dilated max windows
+
+
+@_max_pool.defjvp
+def _max_pool_jvp(window, primals, tangents):
+    """The tangent at each window's first maximum, as selects over the taps. Its transpose
+    (the gradient) is masked strided pads that XLA fuses; lax's select-and-scatter of a max
+    window runs ~10x slower than that on XLA:CPU, and averages tied maxima."""
+    (x,), (t,) = primals, tangents
+    xs = _taps(x, window, np.array(-np.inf, x.dtype))
+    ts = _taps(t, window, np.array(0, t.dtype))
+    best, pick = xs[0], ts[0]
+    for xt, tt in zip(xs[1:], ts[1:]):
+        take = (xt > best) | jnp.isnan(xt)
+        best, pick = jnp.where(take, xt, best), jnp.where(take, tt, pick)
+    return _max_pool(x, window), pick
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
