@@ -2,13 +2,17 @@
 
 ``grouped_lowering`` picks how grouped and depthwise convolutions (``groups > 1`` in
 ``ops.conv2d`` / ``nn.Conv2d``, ``feature_group_count > 1`` through
-``jaxconv.ops.grouped.conv_general_dilated``) are lowered; see ``jaxconv.ops.grouped``:
+``jaxconv.ops.grouped.conv_general_dilated``) are lowered, and whether dense convs with few
+input channels and unpadded 1x1 convs get CPU lowerings too; see ``jaxconv.ops.grouped``:
 
     "auto"   per backend and shape, the fastest numerically equal formulation (default);
-             lax's own feature_group_count on every backend but CPU
+             lax's own convolution on every backend but CPU; on CPU the C++ kernel for
+             grouped / depthwise / few-channel dense convs and a matrix product for 1x1 convs
     "xla"    always lax.conv_general_dilated(feature_group_count=groups) (the old behaviour)
+    "kernel" force the C++ kernel (CPU only; grouped and dense convs)
     "fma", "split", "dense"
-             force one formulation (on every backend; for comparisons and tests)
+             force one pure-JAX formulation of grouped convs (on every backend; for
+             comparisons and tests)
 
 The value is read when a function is traced: ``jax.jit`` caches the choice with the trace, so
 change it before the first call of a jitted function (or use a fresh ``jax.jit``), e.g.::

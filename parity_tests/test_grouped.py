@@ -289,6 +289,17 @@ def test_vmap_and_jacrev_through_the_custom_vjp():
 
 # ------------------------------------------------------------------- the C++ kernel itself
 
+def test_auto_sends_stems_to_the_kernel_and_wide_dense_convs_to_lax():
+    """Dense convs: the kernel where XLA:CPU's conv is slow (few input channels, e.g. a 3-channel
+    stem), lax's conv otherwise; 1x1 convs are matrix products."""
+    def jaxpr(cin, k):
+        x, w = jnp.ones((1, 9, 9, cin)), jnp.ones((k, k, cin, 32))
+        return str(jax.make_jaxpr(lambda x, w: ops.conv2d(x, w, stride=2, padding=k // 2))(x, w))
+    assert "jaxconv_grouped_conv" in jaxpr(3, 7)
+    assert "ffi_call" not in jaxpr(64, 3) and "conv_general_dilated" in jaxpr(64, 3)
+    assert "dot_general" in jaxpr(64, 1) and "ffi_call" not in jaxpr(64, 1)
+
+
 def test_kernel_needs_a_compiler(monkeypatch):
     """No C++ compiler: forcing 'kernel' names what is missing, 'auto' uses pure JAX."""
     from jaxconv.ops import cpu_kernel
@@ -312,7 +323,9 @@ def test_kernel_modes_in_float64():
              ((2, 9, 8, 32), 32, 8, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # shuffle
              ((1, 7, 9, 12), 24, 6, (2, 3), (1, 1), ((3, -1), (1, 2)), (2, 1)),     # shuffle, 2L
              ((2, 8, 9, 10), 15, 5, (3, 3), (1, 2), ((1, 1), (1, 1)), (1, 1)),      # expand
-             ((2, 5, 6, 6), 12, 6, (3, 1), (1, 1), ((1, 1), (0, 0)), (1, 1))]       # multiplier 2
+             ((2, 5, 6, 6), 12, 6, (3, 1), (1, 1), ((1, 1), (0, 0)), (1, 1)),       # multiplier 2
+             ((2, 11, 9, 3), 32, 1, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # dense stem
+             ((1, 8, 7, 16), 48, 1, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))]      # dense
     with jax.enable_x64(True):
         for shape, cout, groups, k, stride, pads, dil in cases:
             x = jnp.asarray(rng.standard_normal(shape))

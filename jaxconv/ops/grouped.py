@@ -1,29 +1,37 @@
-"""Backend-aware lowering of grouped and depthwise 2-D convolutions (used by ``ops.conv2d``).
+"""Backend-aware lowering of grouped, depthwise, small dense and 1x1 2-D convolutions (used by
+``ops.conv2d`` and, as a drop-in, by ``nnx.Conv(conv_general_dilated=...)``).
 
 XLA:CPU has no grouped-convolution kernel: it rewrites ``feature_group_count=G`` into a dense
 convolution with a block-diagonal kernel (G x the multiply-adds), lowers depthwise convolutions
 no better, and lowers the weight gradient through ``batch_group_count`` into something far
-worse (tens of seconds for a ResNeXt-50 stage-1 layer at batch 8). cuDNN and the TPU compiler
-have native grouped kernels. So this module keeps lax's ``feature_group_count`` on every backend
-but CPU, and on CPU computes the same sums of the same fp32 products (in another order, so equal
-within fp32 rounding) in forms XLA:CPU compiles well:
+worse (tens of seconds for a ResNeXt-50 stage-1 layer at batch 8). Its dense convolution is
+also slow for few input channels (a 3-channel stem: 7-9x oneDNN) and for 1x1 kernels (1.3-3x
+its own dot). cuDNN and the TPU compiler have native kernels for all of these. So this module
+keeps lax's convolution on every backend but CPU, and on CPU computes the same sums of the same
+products (in another order, so equal within rounding) in forms that run fast there:
 
-    name   forward                                 input grad        weight grad
-    xla    lax.conv_general_dilated, feature_group_count=G; autodiff (lax's transpose rules)
-    fma    one loop fusion of kh*kw*C_in/G          fma on the        "rows": per tap and input
-           multiply-adds over the kh x kw shifted   transposed conv   channel, products summed
-           windows of the padded input, vectorised  (flipped kernel,  over output rows in one
-           over output channels; for depthwise      stride as input   loop fusion, then one small
-           (C_in/G == 1) the shifted multiply-add   dilation)         reduction over (N, W)
-    split  G dense convolutions (one per group) and a concatenation; autodiff
-    dense  one dense convolution with the block-diagonal kernel (G x the work); autodiff
+    name    forward                               input grad          weight grad
+    xla     lax.conv_general_dilated, feature_group_count=G; autodiff (lax's transpose rules)
+    kernel  grouped_cpu.cc through the XLA FFI    the kernel on the   the kernel: per tap,
+            (cpu_kernel.py builds it): vector     transposed conv     row sums of products
+            FMAs over output channels, one        (dense, C_in % 16:  in registers
+            input row cache per thread            lax's)
+    fma     one loop fusion of kh*kw*C_in/G       fma on the          "rows": per tap and
+            multiply-adds over the kh x kw        transposed conv     input channel, row sums
+            shifted windows, vectorised over C    (flipped kernel,    in one loop fusion, then
+                                                  stride as input     one small reduction
+                                                  dilation)
+    split   G dense convolutions (one per group) and a concatenation; autodiff
+    dense   one dense convolution with the block-diagonal kernel (G x the work); autodiff
 
 ``auto`` (the default, ``jaxconv.config.grouped_lowering``) chooses per backend and shape with
-``choose`` below; the table there says which formulation wins where on CPU and why (measured:
-BENCHMARKS.md). Every choice is made at trace time from static shapes; nothing is autotuned.
+``choose`` below (its table says which formulation wins where on CPU and why; measured:
+BENCHMARKS.md); unpadded 1x1 convs go to ``pointwise_conv`` (a matrix product on CPU). Every
+choice is made at trace time from static shapes; nothing is autotuned. 'kernel' needs a C++
+compiler at first use (``cpu_kernel.available()``); without one 'auto' keeps fma / split.
 The GPU/TPU path is lax's by construction: on CPU-default processes the CPU formulation sits in
 a ``lax.platform_dependent`` branch, so a computation lowered for any other platform keeps
-``feature_group_count``; processes whose default backend is not CPU trace lax only.
+lax's convolution; processes whose default backend is not CPU trace lax only.
 
 The weight gradient of the ``fma`` formulation never builds an im2col matrix or a full product
 tensor: XLA:CPU allocates every temporary of an executable in one buffer per call, and on this
@@ -505,7 +513,7 @@ def grouped_conv(x, w, stride=(1, 1), padding: Pairs = ((0, 0), (0, 0)), dilatio
                                         feature_group_count=groups, precision=precision,
                                         preferred_element_type=preferred_element_type)
 
-    if name == "xla" or ct is None or (groups == 1 and name != "auto"):
+    if name == "xla" or ct is None or (groups == 1 and name not in ("auto", "kernel")):
         return native(x, w)
 
     def lowered(x, w):
