@@ -1,6 +1,6 @@
 """Grouped and depthwise convolutions: jaxconv vs PyTorch, side by side, on CPU.
 
-    python -m bench grouped [--layers] [--models] [--repeats 7] [--batch 8] [--threads 2]
+    python -m bench grouped [--layers] [--dense] [--models] [--repeats 7] [--batch 8] [--threads 2]
                             [--lowerings auto,xla] [--only NAME,...] [--passes fwd,fwdbwd]
 
 --layers: every distinct grouped / depthwise layer of ResNeXt-50 (32x4d, layer1-4 conv2),
@@ -8,6 +8,9 @@ Xception (the depthwise half of every separable conv, 299x299 input) and MobileN
 depthwise convs, 224x224), batch `batch`, 3x3, fp32: forward, and forward + backward (the
 gradients of x and of the kernel under a fixed random cotangent), jaxconv.ops.conv2d under each
 lowering vs torch.nn.functional.conv2d on channels_last tensors.
+
+--dense: the dense convs that 'auto' also lowers on CPU (the stems, Xception's 32-channel
+conv2: the C++ kernel; 1x1 convs: a matrix product), forward and forward + backward.
 
 --models: resnext50_32x4d, xception, mobilenet_v1 at their native resolution: inference
 (eval mode, nnx.jit / torch.no_grad) and a train step (cross-entropy, forward, backward, plain
@@ -42,6 +45,17 @@ MOBILENET = [(f"mobilenet_v1.dw{c}@{hw}/{s}", c, hw, s, c) for c, hw, s in
              [(32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1),
               (256, 28, 2), (512, 14, 1), (512, 14, 2), (1024, 7, 1)]]
 LAYERS = RESNEXT + XCEPTION + MOBILENET
+# the dense convs that 'auto' also lowers on CPU: (name, C_in, C_out, kernel, H = W, stride,
+# padding); few-channel ones go to the C++ kernel, unpadded 1x1 ones to a matrix product
+DENSE = [("resnext50.conv1 (stem)", 3, 64, 7, 224, 2, 3),
+         ("mobilenet_v1 stem", 3, 32, 3, 224, 2, 1),
+         ("xception.conv1 (stem)", 3, 32, 3, 299, 2, 0),
+         ("xception.conv2", 32, 64, 3, 149, 1, 0),
+         ("resnext50.layer1 1x1 256->128", 256, 128, 1, 56, 1, 0),
+         ("resnext50.layer1 1x1 128->256", 128, 256, 1, 56, 1, 0),
+         ("resnext50.layer2 1x1/2 shortcut", 256, 512, 1, 56, 2, 0),
+         ("xception.pw728@19", 728, 728, 1, 19, 1, 0),
+         ("mobilenet_v1.pw512@14", 512, 512, 1, 14, 1, 0)]
 MODELS = ["resnext50_32x4d", "xception", "mobilenet_v1"]
 
 
@@ -72,7 +86,7 @@ def _ratio(j, t):
 
 # ------------------------------------------------------------------------------------ layers
 
-def _layer_fns(c, hw, stride, groups, batch, lowerings, passes):
+def _layer_fns(c, hw, stride, groups, batch, lowerings, passes, cout=None, k=3, pad=1):
     import jax
     import jax.numpy as jnp
     import torch
@@ -81,20 +95,22 @@ def _layer_fns(c, hw, stride, groups, batch, lowerings, passes):
     from jaxconv import config, ops
 
     rng = np.random.default_rng(0)
+    cout = c if cout is None else cout
     x = rng.standard_normal((batch, hw, hw, c)).astype(np.float32)
-    w = (rng.standard_normal((3, 3, c // groups, c)) / np.sqrt(9 * c / groups)).astype(np.float32)
-    ho = (hw + 2 - 3) // stride + 1
-    g = rng.standard_normal((batch, ho, ho, c)).astype(np.float32)
+    w = (rng.standard_normal((k, k, c // groups, cout)) / np.sqrt(k * k * c / groups)
+         ).astype(np.float32)
+    ho = (hw + 2 * pad - k) // stride + 1
+    g = rng.standard_normal((batch, ho, ho, cout)).astype(np.float32)
     fns = {}
     xj, wj, gj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(g)
     for name in lowerings:
         with config.use_grouped_lowering(name):
-            f = lambda x, w: ops.conv2d(x, w, stride=stride, padding=1, groups=groups)  # noqa: E731
+            f = lambda x, w: ops.conv2d(x, w, stride=stride, padding=pad, groups=groups)  # noqa: E731
             fwd = jax.jit(f).lower(xj, wj).compile()
             fwdbwd = jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g)).lower(xj, wj, gj).compile()
         if "fwd" in passes:
             fns[(name, "fwd")] = lambda fwd=fwd: jax.block_until_ready(fwd(xj, wj))
-        if "fwdbwd" in passes and name != "xla":
+        if "fwdbwd" in passes and (name != "xla" or groups == 1):
             fns[(name, "fwdbwd")] = lambda fb=fwdbwd: jax.block_until_ready(fb(xj, wj, gj))
 
     cl = torch.channels_last
@@ -104,13 +120,13 @@ def _layer_fns(c, hw, stride, groups, batch, lowerings, passes):
 
     def t_fwd():
         with torch.no_grad():
-            F.conv2d(tx, tw, None, stride, 1, 1, groups)
+            F.conv2d(tx, tw, None, stride, pad, 1, groups)
 
     txg, twg = tx.clone().requires_grad_(), tw.clone().requires_grad_()
 
     def t_fwdbwd():
         txg.grad = twg.grad = None
-        F.conv2d(txg, twg, None, stride, 1, 1, groups).backward(tg)
+        F.conv2d(txg, twg, None, stride, pad, 1, groups).backward(tg)
 
     if "fwd" in passes:
         fns[("torch", "fwd")] = t_fwd
@@ -119,10 +135,13 @@ def _layer_fns(c, hw, stride, groups, batch, lowerings, passes):
     return fns
 
 
-def bench_layers(args, lowerings, passes):
-    layers = [l for l in LAYERS if not args.only or any(o in l[0] for o in args.only)]
-    cols = [(p, n) for p in passes for n in lowerings if not (p == "fwdbwd" and n == "xla")]
-    head = ["layer", "C, HxW, stride, groups"]
+def bench_layers(args, lowerings, passes, dense=False):
+    table = ([l + (1,) for l in DENSE] if dense else      # groups 1
+             [(n, c, c, 3, hw, s, 1, g) for n, c, hw, s, g in LAYERS])
+    layers = [l for l in table if not args.only or any(o in l[0] for o in args.only)]
+    cols = [(p, n) for p in passes for n in lowerings
+            if not (p == "fwdbwd" and n == "xla" and not dense)]
+    head = ["layer", "C_in->C_out, k, HxW, stride, pad" if dense else "C, HxW, stride, groups"]
     for p, n in cols:
         head += [f"{p} {n} ms (min / med)"]
         head += [f"{p} torch ms"] if n == cols[[c[0] for c in cols].index(p)][1] else []
@@ -130,10 +149,11 @@ def bench_layers(args, lowerings, passes):
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     rows = []
-    for name, c, hw, stride, groups in layers:
-        fns = _layer_fns(c, hw, stride, groups, args.batch, lowerings, passes)
+    for name, c, cout, k, hw, stride, pad, groups in layers:
+        fns = _layer_fns(c, hw, stride, groups, args.batch, lowerings, passes, cout, k, pad)
         res = _interleaved({k: v for k, v in fns.items()}, args.repeats)
-        row = [name, f"{c}, {hw}x{hw}, {stride}, {groups}"]
+        row = [name, f"{c}->{cout}, {k}x{k}, {hw}x{hw}, {stride}, {pad}" if dense
+               else f"{c}, {hw}x{hw}, {stride}, {groups}"]
         for p, n in cols:
             row += [_fmt(res[(n, p)])]
             if n == cols[[c_[0] for c_ in cols].index(p)][1]:
@@ -241,6 +261,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", action="store_true", help="per-layer benchmarks")
     p.add_argument("--models", action="store_true", help="whole-model benchmarks")
+    p.add_argument("--dense", action="store_true",
+                   help="the dense convs 'auto' lowers on CPU too (stems, 1x1)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model-repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
@@ -254,7 +276,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.only = [o for o in args.only.split(",") if o]
     args.model_passes = args.model_passes.split(",")
-    if not (args.layers or args.models):
+    if not (args.layers or args.models or args.dense):
         args.layers = args.models = True
     lowerings = args.lowerings.split(",")
     passes = args.passes.split(",")
@@ -272,6 +294,9 @@ def main(argv=None):
               " (fwd+bwd under 'xla' is not timed: lax's weight gradient of a grouped conv runs"
               " for seconds to minutes on CPU)\n")
         bench_layers(args, lowerings, passes)
+    if args.dense:
+        print(f"\n## dense layers: batch {args.batch}, float32, {args.repeats} repeats\n")
+        bench_layers(args, lowerings, passes, dense=True)
     if args.models:
         print(f"\n## models: batch {args.model_batch}, float32, {args.model_repeats} repeats\n")
         bench_models(args, lowerings)

@@ -5,8 +5,8 @@ on ResNeXt's narrow groups (BENCHMARKS.md), so ``jaxconv.ops.grouped`` calls thi
 convolution through the XLA FFI. The source is compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``; ``-O3 -march=native``) against the FFI headers that ship with
 jaxlib, into ``$JAXCONV_CACHE_DIR`` (default ``~/.cache/jaxconv/kernels``), keyed by a hash of
-the source, the flags, the compiler and jax's version; later processes load the cached
-library. With no compiler, ``available()`` is False and 'auto' keeps the pure-JAX
+the source, the flags, the compiler, jax's version and the CPU's features; later processes
+load the cached library. With no compiler, ``available()`` is False and 'auto' keeps the pure-JAX
 formulations (forcing 'kernel' then raises).
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -39,10 +40,20 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _cpu() -> str:
+    """The instruction-set extensions -march=native compiles for (a cache shared by machines
+    with different CPUs must not hand one another's library out)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine()
+
+
 def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), *FLAGS, version, jax.__version__))
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), *FLAGS, version, jax.__version__,
+                                    _cpu())).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"jaxconv_cpu_{key}.so"
     if lib.exists():
         return lib
