@@ -208,11 +208,42 @@ inline void fwd_tile(const Geo& g, const Perm<T>& perm, const T* const* rows, co
     for (int v = 0; v < NV; ++v) store(y + (ow0 + p) * g.coutp + co0 + v * L, acc[p][v]);
 }
 
+// Depthwise, unit stride and dilation, KW <= 3: the P + KW - 1 input vectors of a tile's
+// row are loaded once and shared by the KW taps (one load per output vector and row, not KW).
+template <typename T, int P>
+inline void dw_tile(const Geo& g, const T* const* rows, const T* w, T* y, int64_t ow0,
+                    int64_t co0) {
+  constexpr int L = Simd<T>::kLanes;
+  V<T> acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = V<T>{};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const T* row = rows[i];
+    if (!row) continue;
+    V<T> xv[P + 2];
+    for (int q = 0; q < P + g.kw - 1; ++q) xv[q] = load(row + (ow0 + q) * g.px + co0);
+    for (int64_t j = 0; j < g.kw; ++j) {
+      V<T> wv = load(w + (i * g.kw + j) * g.coutp + co0);
+      for (int p = 0; p < P; ++p) acc[p] += xv[p + j] * wv;
+    }
+  }
+  for (int p = 0; p < P; ++p) store(y + (ow0 + p) * g.coutp + co0, acc[p]);
+}
+
 template <typename T, Mode M>
 void fwd_row(const Geo& g, const Perm<T>& perm, const T* const* rows, const T* w, T* y) {
   constexpr int L = Simd<T>::kLanes;
   constexpr int P = 6;
   int64_t co = 0;
+  if constexpr (M == kDirect) {
+    if (g.sw == 1 && g.dw == 1 && g.kw <= 3) {
+      for (; co < g.coutp; co += L) {
+        int64_t ow = 0;
+        for (; ow + 8 <= g.wo; ow += 8) dw_tile<T, 8>(g, rows, w, y, ow, co);
+        for (; ow < g.wo; ++ow) fwd_tile<T, 1, 1, M>(g, perm, rows, w, y, ow, co);
+      }
+      return;
+    }
+  }
   for (; co + 2 * L <= g.coutp; co += 2 * L) {
     int64_t ow = 0;
     for (; ow + P <= g.wo; ow += P) fwd_tile<T, P, 2, M>(g, perm, rows, w, y, ow, co);
