@@ -8,6 +8,9 @@ STAMP   = $(VENV)/.installed
 .PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
+	@# the CPU convolution kernel (jaxconv/ops/grouped_cpu.cc) is compiled on first use
+	@command -v $${CXX:-c++} >/dev/null || (apt-get update -qq && apt-get install -y -qq g++) \
+	    || echo "WARNING: no C++ compiler; grouped convs fall back to pure JAX, kernel tests fail"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -6,6 +6,9 @@
   gradients of x, weight and bias vs torch.nn.functional.conv2d, in fp32 and in bf16;
 - 'auto' vs 'xla' (lax's feature_group_count) on every distinct grouped / depthwise layer
   shape of ResNeXt-50, Xception and MobileNet-v1 at batch 2;
+- the C++ kernel's vector modes (direct, broadcast, shuffle, expand, dense stems) against lax
+  in float64, vmap through it, and what happens without a compiler;
+- 1x1 convs as matrix products (CPU only) against torch;
 - the nnx.Conv drop-in, the backend choice (lax's conv whenever the computation is lowered for
   a GPU or TPU), the config switch and its errors.
 """

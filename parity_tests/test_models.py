@@ -60,14 +60,12 @@ FP64_ATOL = 1e-7  # float64 train outputs (measured worst: 5e-9, inception_v3)
 # needs a 17x17 Mixed_6e map (a 299 input); its train checks run aux-less at the small size and
 # with the aux head at the native size under -m slow.
 TRAIN_KWARGS = {"inception_v3": {"aux_logits": False}}
-# Compiles dominate this file's time. The CPU formulations of jaxconv.ops.grouped (the default
-# lowering) compile 3-4x slower than lax's grouped convolutions (a resnext50 train step at batch
-# 8: 27 s vs 7 s on 2 cores) and run much faster, which pays off at real sizes but not on
-# these small inputs; so the float64 train step, and the small-input eval of the HEAVY models,
-# are traced with lax's ("xla"), and the train step runs again under the default lowering for
-# the models with grouped / depthwise convs (resnext50 and mobilenet_v1 by default, xception
-# under -m slow). The eval tests of the others run the default lowering. The grouped
-# formulations have their own parity tests (parity_tests/test_grouped.py).
+# Both lowerings are covered: the float64 train step and the small-input eval of the HEAVY
+# models are traced with lax's convolutions ("xla", the reference lowering), the train step runs
+# again under the default lowering (the CPU kernel, 1x1 convs as matrix products) for the models
+# with grouped / depthwise convs (resnext50 and mobilenet_v1 by default, xception under -m slow),
+# and the eval tests of the others run the default lowering. The lowering's formulations have
+# their own parity tests (parity_tests/test_grouped.py).
 FAST_LOWERING = "xla"
 # The models with grouped or depthwise convs, whose train step also runs with the default
 # lowering (the slow ones under -m slow).

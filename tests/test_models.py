@@ -95,9 +95,8 @@ def model(request):
 
 
 # ------------------------------------------------------------------------------ jitted steps
-# Traced with lax's grouped convolutions: these tests are about the models, and the default
-# CPU formulations of jaxconv.ops.grouped compile 3-4x slower (they run faster, which small test
-# inputs do not need); parity_tests/test_models.py runs the default lowering.
+# Traced with lax's convolutions: these tests are about the models (shapes, heads, modes), not
+# the lowering; parity_tests/test_models.py and test_grouped.py run the default lowering.
 LOWERING = "xla"
 
 
