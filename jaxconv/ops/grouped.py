@@ -289,12 +289,8 @@ def _kernel(x, w, geo: Geometry, precision=None):
     shape = (x.shape[0], ho, wo, w.shape[3])
     if 0 in shape or 0 in x.shape:
         return jnp.zeros(shape, x.dtype)
-    (lo_h, _), (lo_w, _) = geo.pads
     return jax.ffi.ffi_call("jaxconv_grouped_conv", jax.ShapeDtypeStruct(shape, x.dtype),
-                            vmap_method="sequential")(
-        x, w, **_attrs(sh=geo.stride[0], sw=geo.stride[1], dh=geo.dilation[0],
-                       dw=geo.dilation[1], lo_h=lo_h, lo_w=lo_w, ld_h=geo.lhs_dilation[0],
-                       ld_w=geo.lhs_dilation[1]))
+                            vmap_method="sequential")(x, w, **_attrs(geo))
 
 
 # For ``jax.export`` of a CPU computation that uses the kernel (its FFI targets are this
@@ -302,8 +298,13 @@ def _kernel(x, w, geo: Geometry, precision=None):
 EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in cpu_kernel.TARGETS]
 
 
-def _attrs(**kw):
-    return {k: np.int64(v) for k, v in kw.items()}
+def _attrs(geo: Geometry):
+    """The kernel's attributes for `geo`: stride, kernel dilation, low padding, input dilation
+    (the high padding follows from the output's shape)."""
+    (lo_h, _), (lo_w, _) = geo.pads
+    values = dict(sh=geo.stride[0], sw=geo.stride[1], dh=geo.dilation[0], dw=geo.dilation[1],
+                  lo_h=lo_h, lo_w=lo_w, ld_h=geo.lhs_dilation[0], ld_w=geo.lhs_dilation[1])
+    return {k: np.int64(v) for k, v in values.items()}
 
 
 _FORWARD = {"xla": _xla, "kernel": _kernel, "fma": _fma, "split": _split, "dense": _dense}
@@ -405,11 +406,8 @@ def _wgrad_kernel(x, gy, w_shape, geo: Geometry):
     """The weight gradient by the C++ kernel: per tap, row sums of products in registers."""
     if 0 in x.shape or 0 in gy.shape:
         return jnp.zeros(w_shape, x.dtype)
-    (lo_h, _), (lo_w, _) = geo.pads
     return jax.ffi.ffi_call("jaxconv_grouped_conv_wgrad", jax.ShapeDtypeStruct(w_shape, x.dtype),
-                            vmap_method="sequential")(
-        x, gy, **_attrs(sh=geo.stride[0], sw=geo.stride[1], dh=geo.dilation[0],
-                        dw=geo.dilation[1], lo_h=lo_h, lo_w=lo_w))
+                            vmap_method="sequential")(x, gy, **_attrs(geo))
 
 
 def _fenced(fn, key, *args):

@@ -414,66 +414,52 @@ ffi::Error check(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer>
   return ffi::Error::Success();
 }
 
-// y = conv(x, w); attributes: stride, kernel dilation, low padding, input dilation.
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                       ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw, int64_t dh,
-                       int64_t dw, int64_t lo_h, int64_t lo_w, int64_t ld_h, int64_t ld_w) {
-  if (auto e = check(x, w, y); e.failure()) return e;
-  auto yd = y->dimensions();
-  Geo g;
-  if (x.element_type() == ffi::DataType::F32) g = make_geo<float>(x, w, yd[1], yd[2], sh, sw, dh, dw, lo_h, lo_w, ld_h, ld_w);
-  else g = make_geo<double>(x, w, yd[1], yd[2], sh, sw, dh, dw, lo_h, lo_w, ld_h, ld_w);
-  if (x.element_type() == ffi::DataType::F32)
-    forward<float>(pool, g, x.typed_data<float>(), w.typed_data<float>(), y->typed_data<float>());
+template <typename T, bool kWgrad>
+void run(ffi::ThreadPool& pool, const Geo& g, ffi::AnyBuffer a, ffi::AnyBuffer b,
+         ffi::Result<ffi::AnyBuffer> out) {
+  if constexpr (kWgrad)
+    wgrad<T>(pool, g, a.typed_data<T>(), b.typed_data<T>(), out->typed_data<T>());
   else
-    forward<double>(pool, g, x.typed_data<double>(), w.typed_data<double>(),
-                    y->typed_data<double>());
+    forward<T>(pool, g, a.typed_data<T>(), b.typed_data<T>(), out->typed_data<T>());
+}
+
+// Forward: out = conv(a = x, b = w). Weight gradient (kWgrad): out (w's shape) = the gradient of
+// conv(x, w) w.r.t. w contracted with b = gy. Attributes: stride, kernel dilation, low padding,
+// input dilation.
+template <bool kWgrad>
+ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                int64_t lo_h, int64_t lo_w, int64_t ld_h, int64_t ld_w) {
+  if (auto e = check(a, b, out); e.failure()) return e;
+  ffi::AnyBuffer w = kWgrad ? *out : b;
+  auto yd = kWgrad ? b.dimensions() : out->dimensions();
+  if (a.element_type() == ffi::DataType::F32) {
+    Geo g = make_geo<float>(a, w, yd[1], yd[2], sh, sw, dh, dw, lo_h, lo_w, ld_h, ld_w);
+    run<float, kWgrad>(pool, g, a, b, out);
+  } else {
+    Geo g = make_geo<double>(a, w, yd[1], yd[2], sh, sw, dh, dw, lo_h, lo_w, ld_h, ld_w);
+    run<double, kWgrad>(pool, g, a, b, out);
+  }
   return ffi::Error::Success();
 }
 
-// dw = d conv(x, w) / dw contracted with gy; `dw` has w's shape.
-ffi::Error WgradImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer gy,
-                     ffi::Result<ffi::AnyBuffer> dw, int64_t sh, int64_t sw, int64_t dh,
-                     int64_t dwl, int64_t lo_h, int64_t lo_w) {
-  if (auto e = check(x, gy, dw); e.failure()) return e;
-  auto gd = gy.dimensions();
-  Geo g = x.element_type() == ffi::DataType::F32
-              ? make_geo<float>(x, *dw, gd[1], gd[2], sh, sw, dh, dwl, lo_h, lo_w, 1, 1)
-              : make_geo<double>(x, *dw, gd[1], gd[2], sh, sw, dh, dwl, lo_h, lo_w, 1, 1);
-  if (x.element_type() == ffi::DataType::F32)
-    wgrad<float>(pool, g, x.typed_data<float>(), gy.typed_data<float>(), dw->typed_data<float>());
-  else
-    wgrad<double>(pool, g, x.typed_data<double>(), gy.typed_data<double>(),
-                  dw->typed_data<double>());
-  return ffi::Error::Success();
+auto binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int64_t>("sh")
+      .Attr<int64_t>("sw")
+      .Attr<int64_t>("dh")
+      .Attr<int64_t>("dw")
+      .Attr<int64_t>("lo_h")
+      .Attr<int64_t>("lo_w")
+      .Attr<int64_t>("ld_h")
+      .Attr<int64_t>("ld_w");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConv, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("lo_h")
-                                  .Attr<int64_t>("lo_w")
-                                  .Attr<int64_t>("ld_h")
-                                  .Attr<int64_t>("ld_w"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConvWgrad, WgradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw")
-                                  .Attr<int64_t>("lo_h")
-                                  .Attr<int64_t>("lo_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConv, Impl<false>, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConvWgrad, Impl<true>, binding());
