@@ -15,7 +15,8 @@ products (in another order, so equal within rounding) in forms that run fast the
     kernel  grouped_cpu.cc through the XLA FFI    the kernel on the   the kernel: per tap,
             (cpu_kernel.py builds it): vector     transposed conv     row sums of products
             FMAs over output channels, one        (dense, C_in % 16:  in registers
-            input row cache per thread            lax's)
+            input row cache per thread ('auto':   lax's)
+            fma's for depthwise)
     fma     one loop fusion of kh*kw*C_in/G       fma on the          "rows": per tap and
             multiply-adds over the kh x kw        transposed conv     input channel, row sums
             shifted windows, vectorised over C    (flipped kernel,    in one loop fusion, then
@@ -83,6 +84,7 @@ def choose(backend: str, x_shape, w_shape, geo: Geometry) -> str:
       layer kind                          kernel   best pure-JAX     why the kernel wins
       depthwise (C_in/G == 1)             0.6-1.2  fma 0.7-1.7       one pass per gradient,
                                                                      skips dilation holes
+                                                                     (forward: fma, _plan)
       grouped, C_in/G <= 8 (ResNeXt       0.6-1.1  fma 2.2-3.0       a permute per term
         stages 1-2)                                                  instead of XLA's gathers
       grouped, C_in/G >= 16 (ResNeXt      1.1-1.8  split 2.1-4.0     broadcast FMAs, weight
@@ -107,19 +109,27 @@ def choose(backend: str, x_shape, w_shape, geo: Geometry) -> str:
     return "split"
 
 
-def _plan(name: str, x_shape, w_shape, geo: Geometry) -> tuple[str, str]:
-    """(forward, input-gradient) formulations for `name` (a forced formulation or 'auto')."""
+def _plan(name: str, x_shape, w_shape, geo: Geometry) -> tuple[str, str, str]:
+    """(forward, input-gradient, weight-gradient) formulations for `name` (a forced formulation
+    or 'auto'); the weight gradient is 'kernel' or 'rows' (fma's, _wgrad_cols)."""
     if name != "auto":
-        return name, name
+        return name, name, ("kernel" if name == "kernel" else "rows")
     fwd = choose("cpu", x_shape, w_shape, geo)
     kh, kw, cin_per_group, cout = w_shape
+    if fwd != "kernel":
+        # The input gradient is a grouped conv with C_out/G inputs per group; choose for it too.
+        dx = choose("cpu", None, (kh, kw, cout // geo.groups, cin_per_group * geo.groups), geo)
+        return fwd, (dx if fwd == "fma" else fwd), "rows"
     if geo.groups == 1:
         # dense: the kernel's input gradient needs whole vectors of input channels; a stem's
         # 3 are lax's (and an image's gradient is rarely asked for)
-        return fwd, ("kernel" if fwd == "kernel" and cin_per_group % 16 == 0 else "xla")
-    # The input gradient is a grouped conv with C_out/G inputs per group; choose for it too.
-    dx = choose("cpu", None, (kh, kw, cout // geo.groups, cin_per_group * geo.groups), geo)
-    return fwd, (dx if fwd == "fma" else fwd)
+        return fwd, ("kernel" if cin_per_group % 16 == 0 else "xla"), "kernel"
+    if cin_per_group == 1 and cout == geo.groups:
+        # depthwise: fma's one fusion of 9 shifted multiply-adds matches or beats the kernel's
+        # forward (no row copies) and XLA fuses it with its neighbours in inference; the
+        # gradients stay the kernel's (BENCHMARKS.md)
+        return "fma", "kernel", "kernel"
+    return "kernel", "kernel", "kernel"
 
 
 _DENSE_MAX_CIN = 32   # dense convs with at most this many input channels go to the kernel
@@ -432,6 +442,7 @@ class _Plan:
     geo: Geometry
     forward: str
     input_grad: str
+    weight_grad: str
     precision: object = None
 
 
@@ -458,7 +469,7 @@ def _custom_bwd(plan: _Plan, res, gy):
     geo_t = _transposed(w.shape, geo, in_hw, out_hw)
     dx_fn = functools.partial(_FORWARD[plan.input_grad], geo=geo_t, precision=plan.precision)
     dx = _maybe_fenced(plan.input_grad, dx_fn, w, gy, transposed_kernel(w, geo.groups))
-    if plan.forward == "kernel":
+    if plan.weight_grad == "kernel":
         dw = _wgrad_kernel(x, gy, w.shape, geo)
     else:
         dw = _fenced(functools.partial(_wgrad_cols, w_shape=w.shape, geo=geo), w, x, gy)
@@ -470,12 +481,12 @@ _custom.defvjp(_custom_fwd, _custom_bwd)
 
 def _lower(x, w, geo: Geometry, name: str, precision):
     """The CPU (or forced) formulation `name` on compute-dtype operands."""
-    fwd, dx = _plan(name, x.shape, w.shape, geo)
+    fwd, dx, dw = _plan(name, x.shape, w.shape, geo)
     if fwd == "xla":
         return _xla(x, w, geo, precision)
     if fwd in ("split", "dense"):                       # dense convs: autodiff is fine
         return _FORWARD[fwd](x, w, geo, precision)
-    return _custom(x, w, _Plan(geo, fwd, dx, precision))
+    return _custom(x, w, _Plan(geo, fwd, dx, dw, precision))
 
 
 # ---------------------------------------------------------------------------------- public
