@@ -281,19 +281,19 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t chunks, F& f) {
   while (st->done.load() < chunks) std::this_thread::yield();
 }
 
-// A copy of `a` (rows of `width` values) with each row zero-padded to `padded` values.
+// `out` = a copy of `a` (rows of `width` values) with each row zero-padded to `padded` values
+// (reusing out's storage: called once per output row of the weight gradient).
 template <typename T>
-std::vector<T> pad_rows(const T* a, int64_t rows, int64_t width, int64_t padded) {
-  std::vector<T> out(rows * padded, T(0));
+void pad_rows(const T* a, int64_t rows, int64_t width, int64_t padded, std::vector<T>& out) {
+  out.assign(rows * padded, T(0));
   for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * padded], a + r * width, width * sizeof(T));
-  return out;
 }
 
 template <typename T>
 void forward(ffi::ThreadPool& pool, const Geo& g, const T* x, const T* w, T* y) {
   const bool tail = g.coutp != g.cout;  // then compute in coutp-wide rows and copy out
   std::vector<T> wpad;
-  if (tail) wpad = pad_rows(w, g.kh * g.kw * g.cg, g.cout, g.coutp);
+  if (tail) pad_rows(w, g.kh * g.kw * g.cg, g.cout, g.coutp, wpad);
   const T* wk = tail ? wpad.data() : w;
   const Perm<T> perm(g);
   auto body = [&](int64_t, int64_t begin, int64_t end) {
@@ -376,7 +376,7 @@ void wgrad(ffi::ThreadPool& pool, const Geo& g, const T* x, const T* gy, T* dw) 
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / g.ho, oh = r % g.ho;
       const T* gyr = gy + r * g.wo * g.cout;
-      if (tail) gpad = pad_rows(gyr, g.wo, g.cout, g.coutp), gyr = gpad.data();
+      if (tail) pad_rows(gyr, g.wo, g.cout, g.coutp, gpad), gyr = gpad.data();
       for (int64_t i = 0; i < g.kh; ++i) {
         const T* row = cache.get(n, oh * g.sh + i * g.dh);
         if (!row) continue;
