@@ -72,9 +72,10 @@ def _max_pool(x, window):
 
 @_max_pool.defjvp
 def _max_pool_jvp(window, primals, tangents):
-    """The tangent at each window's first maximum, as selects over the taps. Its transpose
-    (the gradient) is masked strided pads that XLA fuses; lax's select-and-scatter of a max
-    window runs ~10x slower than that on XLA:CPU, and averages tied maxima."""
+    """The tangent at each window's first maximum, as selects over the taps (the running
+    maximum is the primal output: max is exact). Its transpose (the gradient) is masked strided
+    pads that XLA fuses; XLA:CPU ran lax's select-and-scatter of a max window ~4x slower (a
+    147x147x128 3x3/2 pool: 429 vs 110 ms), and jnp.max over the taps averaged tied maxima."""
     (x,), (t,) = primals, tangents
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
     ts = _taps(t, window, np.array(0, t.dtype))
@@ -82,7 +83,7 @@ def _max_pool_jvp(window, primals, tangents):
     for xt, tt in zip(xs[1:], ts[1:]):
         take = (xt > best) | jnp.isnan(xt)
         best, pick = jnp.where(take, xt, best), jnp.where(take, tt, pick)
-    return _max_pool(x, window), pick
+    return best, pick
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
