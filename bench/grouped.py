@@ -33,18 +33,13 @@ import time
 
 import numpy as np
 
-# (name, C, H = W of the input, stride, groups); 3x3 kernel, padding 1, C -> C channels
-RESNEXT = [("resnext50.layer1", 128, 56, 1, 32), ("resnext50.layer2.0", 256, 56, 2, 32),
-           ("resnext50.layer2", 256, 28, 1, 32), ("resnext50.layer3.0", 512, 28, 2, 32),
-           ("resnext50.layer3", 512, 14, 1, 32), ("resnext50.layer4.0", 1024, 14, 2, 32),
-           ("resnext50.layer4", 1024, 7, 1, 32)]
-XCEPTION = [(f"xception.dw{c}@{hw}", c, hw, 1, c) for c, hw in
-            [(64, 147), (128, 147), (128, 74), (256, 74), (256, 37), (728, 37), (728, 19),
-             (1024, 10), (1536, 10)]]
-MOBILENET = [(f"mobilenet_v1.dw{c}@{hw}/{s}", c, hw, s, c) for c, hw, s in
-             [(32, 112, 1), (64, 112, 2), (128, 56, 1), (128, 56, 2), (256, 28, 1),
-              (256, 28, 2), (512, 14, 1), (512, 14, 2), (1024, 7, 1)]]
-LAYERS = RESNEXT + XCEPTION + MOBILENET
+from jaxconv.summary import conv_layers
+
+# (name, C, H = W of the input, stride, groups); 3x3 kernel, padding 1, C -> C channels: every
+# distinct grouped / depthwise layer of the three models at their native size
+LAYERS = [(f"{m}.{paths[0]}", layer.in_hwc[2], layer.in_hwc[0], layer.stride[0], layer.groups)
+          for m in ("resnext50_32x4d", "xception", "mobilenet_v1")
+          for layer, paths in conv_layers(m).items() if layer.groups > 1]
 # the dense convs that 'auto' also lowers on CPU: (name, C_in, C_out, kernel, H = W, stride,
 # padding); few-channel ones go to the C++ kernel, unpadded 1x1 ones to a matrix product
 DENSE = [("resnext50.conv1 (stem)", 3, 64, 7, 224, 2, 3),

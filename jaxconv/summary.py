@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 
@@ -65,6 +66,50 @@ def summarize(model, size: int | tuple[int, int]):
              _macs(layer, in_shape, out_shape)) for layer, in_shape, out_shape in calls]
     params = sum(v.size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     return rows, params, sum(r[4] for r in rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvLayer:
+    """One distinct convolution of a model, as `ops.conv2d` sees it: input (H, W, C_in) per
+    image, output channels, kernel, stride, padding (torch's argument), dilation, groups."""
+    in_hwc: tuple[int, int, int]
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: object
+    dilation: tuple[int, int]
+    groups: int
+
+    @property
+    def kind(self) -> str:
+        """'depthwise', 'grouped', 'pointwise' (1x1) or 'dense'."""
+        if self.groups > 1:
+            return "depthwise" if self.groups == self.in_hwc[2] else "grouped"
+        return "pointwise" if self.kernel_size == (1, 1) else "dense"
+
+
+def conv_layers(name: str, size: int | None = None, **kwargs) -> dict[ConvLayer, list[str]]:
+    """Every distinct Conv2d of registered model `name` at input `size` (default: native), in
+    order of first use, with the paths of the layers that share it (nothing is computed)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(name, **kwargs)))
+    size = size or input_size(name)
+    calls, paths = [], {}
+
+    def forward(state, x):
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        paths.update({id(node): ".".join(map(str, p)) for p, node in nnx.iter_graph(model)})
+        with _recording(calls):
+            return model(x)
+
+    jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    layers: dict[ConvLayer, list[str]] = {}
+    for layer, in_shape, _ in calls:
+        if type(layer) is nn.Conv2d:
+            key = ConvLayer(tuple(in_shape[1:]), layer.out_channels, layer.kernel_size,
+                            layer.stride, layer.padding, layer.dilation, layer.groups)
+            layers.setdefault(key, []).append(paths.get(id(layer), "?"))
+    return layers
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from jaxconv.nn import deform as ndeform
 from jaxconv.ops.deform import _deform_conv2d_autodiff, deform_conv2d, deform_output_size
 from parity_tests import deform_oracle as oracle
 from parity_tests.tolerances import DEFORM_FP64, OP_BF16_RTOL, OP_FP32
+from tests.helpers import rngs
 
 GRADS = ("x", "offset", "weight", "bias", "mask")
 
@@ -380,9 +381,6 @@ def test_bad_arguments():
 # ---------------------------------------------------------------------------------------------
 # Layers: torch_ref modules' state_dicts load into the jaxconv layers and give the same outputs
 
-R = lambda: nnx.Rngs(0)  # noqa: E731
-
-
 def _randomise(module):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -424,7 +422,7 @@ def test_deform_conv2d_layer_matches_torch_ref():
     tmod = tdeform.DeformConv2d(6, 4, (3, 2), (2, 1), (1, 0), (2, 1), groups=2)
     _randomise(tmod)
     jmod = ndeform.DeformConv2d(6, 4, (3, 2), (2, 1), (1, 0), (2, 1), groups=2,
-                                offset_groups=3, rngs=R())
+                                offset_groups=3, rngs=rngs())
     inputs, _, _ = _case(ODD, "random", True, seed=7)
     off, mask = (inputs[k].astype(np.float32) for k in ("offset", "mask"))
     _layer_parity(
@@ -440,7 +438,7 @@ def test_pack_layers_match_torch_ref(modulated):
     jcls = ndeform.ModulatedDeformConv2dPack if modulated else ndeform.DeformConv2dPack
     tcls = tdeform.ModulatedDeformConv2dPack if modulated else tdeform.DeformConv2dPack
     args = (6, 4, (3, 2), (2, 1), (1, 0), (2, 1), 2, 3)  # ..., groups, offset_groups
-    tmod, jmod = tcls(*args), jcls(*args, rngs=R())
+    tmod, jmod = tcls(*args), jcls(*args, rngs=rngs())
     keys = {"weight", "conv_offset.weight", "conv_offset.bias"} | ({"bias"} if modulated else set())
     assert set(tmod.state_dict()) == keys  # mmcv's parameter names
     assert tmod.conv_offset.out_channels == (3 if modulated else 2) * 3 * 6
@@ -453,7 +451,7 @@ def test_pack_layers_match_torch_ref(modulated):
 def test_pack_layers_start_as_plain_conv(modulated):
     """conv_offset is zero-initialised: DCNv1 == conv, DCNv2 == conv with a 0.5 mask."""
     cls = ndeform.ModulatedDeformConv2dPack if modulated else ndeform.DeformConv2dPack
-    layer = cls(6, 4, 3, 2, 1, 1, 2, 3, bias=True, rngs=R())
+    layer = cls(6, 4, 3, 2, 1, 1, 2, 3, bias=True, rngs=rngs())
     assert not np.any(np.asarray(layer.conv_offset.kernel[...]))
     x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 7, 6, 6)), jnp.float32)
     kernel = layer.kernel[...] * (0.5 if modulated else 1.0)

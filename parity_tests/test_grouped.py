@@ -23,13 +23,18 @@ import pytest
 import torch
 from flax import nnx
 
-from bench.grouped import LAYERS
 from jaxconv import config, ops
 from jaxconv.ops import grouped
+from jaxconv.summary import conv_layers
 from jaxconv.verify.ops import CONV2D, OpCase, _torch_fn, run_case
 from parity_tests.tolerances import OP_BF16_RTOL, OP_FP32
 
 FORMULATIONS = ("xla", "kernel", "fma", "split", "dense", "auto")
+# every distinct grouped / depthwise layer of the models that have them:
+# (name, C, H = W, stride, groups), 3x3 kernel, padding 1, C -> C channels
+LAYERS = [(f"{m}.{paths[0]}", layer.in_hwc[2], layer.in_hwc[0], layer.stride[0], layer.groups)
+          for m in ("resnext50_32x4d", "xception", "mobilenet_v1")
+          for layer, paths in conv_layers(m).items() if layer.groups > 1]
 
 
 def _conv(x, w, **kw):

@@ -32,11 +32,11 @@ from flax import nnx
 
 import torch_ref.models as tmodels
 from jaxconv.convert import from_torch, to_torch
-from torch_ref.models.googlenet import transform_input as ttransform
 from jaxconv.convert.state import _torch_shape, torch_items
 from jaxconv.models import create_model
 from parity_tests.tolerances import BN_STATS, MODEL_LOGITS_ATOL
-from tests.zoo import reference
+from tests.helpers import AUX_PREFIXES, filled_model, nchw, nhwc, rand, reference
+from torch_ref.models.googlenet import transform_input as ttransform
 
 NUM_CLASSES = 10
 NATIVE = {"googlenet": 224, "inception_v3": 299}
@@ -44,24 +44,11 @@ SMALL = {"googlenet": (65, 97), "inception_v3": (75, 107)}  # odd, non-square, >
 # Inception-v3's aux head normalises a 1x1 map in train mode, i.e. over the batch alone: with 2
 # samples fp32 rounding is amplified to ~1e-4 (torch vs float64 torch too); 4 keep it ~3e-5.
 TRAIN_BATCH = {"googlenet": 3, "inception_v3": 4}
-AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 HEADS = {"googlenet": ("logits", "aux1", "aux2"), "inception_v3": ("logits", "aux")}
 NAMES = ["googlenet", "inception_v3"]
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-def _nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def _input(shape, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
 
 @functools.cache
 def _torch_model(name: str) -> torch.nn.Module:
@@ -84,7 +71,7 @@ def _torch_model(name: str) -> torch.nn.Module:
         for head in heads:
             fc = model.get_submodule(head)
             fc.weight.copy_(torch.randn(fc.weight.shape, generator=g) / fc.in_features ** 0.5)
-        model.train()(_nchw(_input((2, NATIVE[name], NATIVE[name], 3), seed=99)))
+        model.train()(nchw(rand((2, NATIVE[name], NATIVE[name], 3), seed=99)))
     for m in bns:
         m.momentum = 0.1
     return model.eval()
@@ -92,21 +79,12 @@ def _torch_model(name: str) -> torch.nn.Module:
 
 def _transformed(x: np.ndarray) -> np.ndarray:
     """What transform_input=True feeds the first conv (torch_ref's transform, NHWC)."""
-    return _nhwc(ttransform(_nchw(x)))
+    return nhwc(ttransform(nchw(x)))
 
 
 def _jax_model(name: str, state_dict, **kw):
     """jaxconv model with `state_dict` loaded, built without its (slow, discarded) random init."""
-    model = nnx.eval_shape(lambda: create_model(name, num_classes=NUM_CLASSES, **kw))
-    for _, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
-        var.set_value(np.zeros(var.shape, var.dtype))  # numpy: from_torch writes in place
-    from_torch(model, state_dict)
-    for _, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))):
-        var.set_value(jnp.asarray(var.get_value()))
-    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.RngState))):
-        var.set_value(jax.random.key(i) if isinstance(var, nnx.RngKey)
-                      else jnp.asarray(np.zeros(var.shape, var.dtype)))
-    return model
+    return from_torch(filled_model(name, fill="zeros", num_classes=NUM_CLASSES, **kw), state_dict)
 
 
 @nnx.jit
@@ -142,20 +120,20 @@ def test_eval_logits_match_torch(name, transform):
     jmodel = _jax_model(name, tmodel.state_dict(), transform_input=transform)
     jmodel.eval()
     if transform:
-        x = _input((2, NATIVE[name], NATIVE[name], 3))
+        x = rand((2, NATIVE[name], NATIVE[name], 3))
         with torch.no_grad():
-            tlogits = tmodel(_nchw(x))
+            tlogits = tmodel(nchw(x))
         jlogits = _forward(jmodel, x)
     else:
-        x = _transformed(_input((3, *SMALL[name], 3)))
+        x = _transformed(rand((3, *SMALL[name], 3)))
         with torch.no_grad():
-            tlogits, tfeats = tmodel(_nchw(x)), tmodel.feature_maps(_nchw(x))
+            tlogits, tfeats = tmodel(nchw(x)), tmodel.feature_maps(nchw(x))
         jlogits, jfeats = _forward_and_features(jmodel, x)
         assert list(jfeats) == list(tfeats) == list(jmodel.feature_info)
         for k, t in tfeats.items():
-            assert jfeats[k].shape == _nhwc(t).shape, k
+            assert jfeats[k].shape == nhwc(t).shape, k
             assert jfeats[k].shape[-1] == jmodel.feature_info[k][0], k
-            err = _max_err(jfeats[k], _nhwc(t))
+            err = _max_err(jfeats[k], nhwc(t))
             print(f"{name} {k}: max abs error {err:.3g} (max |value| {float(t.abs().max()):.3g})")
             assert err <= MODEL_LOGITS_ATOL * max(1.0, float(t.abs().max())), f"{k}: {err:.3g}"
     assert jlogits.shape == (x.shape[0], NUM_CLASSES)
@@ -165,7 +143,7 @@ def test_eval_logits_match_torch(name, transform):
 def test_transform_input_is_torchvision_renormalisation():
     """Per channel (last axis): x_c * std_c / 0.5 + (mean_c - 0.5) / 0.5, as torchvision."""
     from jaxconv.models.googlenet import transform_input
-    x = _input((2, 5, 4, 3))
+    x = rand((2, 5, 4, 3))
     np.testing.assert_allclose(np.asarray(transform_input(jnp.asarray(x))), _transformed(x),
                                rtol=1e-6, atol=1e-6)
     # not channel-symmetric, so a wrong axis cannot pass
@@ -178,10 +156,10 @@ def test_ceil_mode_pool_window_larger_than_input(n, k, s):
     """GoogLeNet's ceil-mode pools at its 15x15 minimum see 2x2 / 1x1 maps under 3x3 / 2x2
     windows; torch gives one output (the window starts inside the input), not an error."""
     from jaxconv import ops
-    x = _input((2, n, n + 1, 3), seed=4)
+    x = rand((2, n, n + 1, 3), seed=4)
     for ours, theirs in ((ops.max_pool2d, torch.nn.functional.max_pool2d),
                          (ops.avg_pool2d, torch.nn.functional.avg_pool2d)):
-        want = _nhwc(theirs(_nchw(x), k, s, ceil_mode=True))
+        want = nhwc(theirs(nchw(x), k, s, ceil_mode=True))
         np.testing.assert_allclose(np.asarray(ours(x, k, s, ceil_mode=True)), want, rtol=1e-6,
                                    atol=1e-6)
 
@@ -203,9 +181,9 @@ def test_train_heads_and_bn_stats_match_torch(name):
             getattr(jmodel, head).dropout.rate = 0.0
     tmodel.train()
     jmodel.train()
-    x = _transformed(_input((TRAIN_BATCH[name], NATIVE[name], NATIVE[name], 3), seed=1))
+    x = _transformed(rand((TRAIN_BATCH[name], NATIVE[name], NATIVE[name], 3), seed=1))
     with torch.no_grad():
-        tout = tmodel(_nchw(x))
+        tout = tmodel(nchw(x))
     jout = _forward(jmodel, x)
     assert isinstance(jout, dict) and list(jout) == list(tout) == list(HEADS[name])
     for head in HEADS[name]:
@@ -233,7 +211,7 @@ def test_googlenet_dropout_is_live_in_train_mode():
     jmodel = _jax_model("googlenet", tmodel.state_dict())
     aux = jmodel.aux1
     aux.train()
-    feat = jnp.asarray(_input((2, 5, 7, 512), seed=2))  # adaptive 4x4 pool of an odd map
+    feat = jnp.asarray(rand((2, 5, 7, 512), seed=2))  # adaptive 4x4 pool of an odd map
     fwd = nnx.jit(lambda m, v: m(v))
     a, b = fwd(aux, feat), fwd(aux, feat)
     assert _max_err(a, b) > 1e-3
@@ -255,9 +233,9 @@ def test_googlenet_aux_fc1_flatten_reorder():
     for head, chans, hw in (("aux1", 512, (14, 14)), ("aux2", 528, (9, 11))):
         theirs, ours = getattr(tmodel, head).eval(), getattr(jmodel, head)
         ours.eval()
-        x = _input((3, *hw, chans), seed=3)
+        x = rand((3, *hw, chans), seed=3)
         with torch.no_grad():
-            want = theirs(_nchw(x))
+            want = theirs(nchw(x))
         _assert_logits(fwd(ours, x), want, f"{head} via from_torch")
         naive = nnx.clone(ours)
         naive.fc1.kernel.set_value(jnp.asarray(sd[f"{head}.fc1.weight"].numpy().T))

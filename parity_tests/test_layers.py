@@ -14,27 +14,26 @@ from jaxconv import nn
 from jaxconv.convert import from_torch, to_torch
 from jaxconv.nn import blocks
 from parity_tests.tolerances import BN_STATS, OP_FP32
-
-R = lambda: nnx.Rngs(0)  # noqa: E731
+from tests.helpers import nchw, nhwc, rand, randomise_torch_bn, rngs
 
 # (id, jaxconv factory, torch factory, input shape NHWC (or (N, F) for Linear))
 LAYERS = [
-    ("Conv2d-odd", lambda: nn.Conv2d(4, 6, (3, 2), (2, 1), (1, 0), (2, 1), groups=2, rngs=R()),
+    ("Conv2d-odd", lambda: nn.Conv2d(4, 6, (3, 2), (2, 1), (1, 0), (2, 1), groups=2, rngs=rngs()),
      lambda: torch.nn.Conv2d(4, 6, (3, 2), (2, 1), (1, 0), (2, 1), groups=2), (3, 9, 7, 4)),
-    ("Conv2d-reflect", lambda: nn.Conv2d(4, 6, 3, padding=(1, 2), padding_mode="reflect", rngs=R()),
+    ("Conv2d-reflect", lambda: nn.Conv2d(4, 6, 3, padding=(1, 2), padding_mode="reflect", rngs=rngs()),
      lambda: torch.nn.Conv2d(4, 6, 3, padding=(1, 2), padding_mode="reflect"), (2, 6, 5, 4)),
-    ("Conv2d-same-nobias", lambda: nn.Conv2d(4, 4, 3, padding="same", dilation=2, bias=False, rngs=R()),
+    ("Conv2d-same-nobias", lambda: nn.Conv2d(4, 4, 3, padding="same", dilation=2, bias=False, rngs=rngs()),
      lambda: torch.nn.Conv2d(4, 4, 3, padding="same", dilation=2, bias=False), (2, 6, 5, 4)),
-    ("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2, rngs=R()),
+    ("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2, rngs=rngs()),
      lambda: torch.nn.ConvTranspose2d(4, 6, 3, 2, 1, 1, groups=2), (3, 5, 4, 4)),
-    ("DepthwiseConv2d-dm2", lambda: nn.DepthwiseConv2d(4, (3, 2), (2, 1), 1, depth_multiplier=2, rngs=R()),
+    ("DepthwiseConv2d-dm2", lambda: nn.DepthwiseConv2d(4, (3, 2), (2, 1), 1, depth_multiplier=2, rngs=rngs()),
      lambda: tnn.DepthwiseConv2d(4, (3, 2), (2, 1), 1, depth_multiplier=2), (3, 9, 7, 4)),
-    ("PointwiseConv2d", lambda: nn.PointwiseConv2d(4, 6, rngs=R()),
+    ("PointwiseConv2d", lambda: nn.PointwiseConv2d(4, 6, rngs=rngs()),
      lambda: tnn.PointwiseConv2d(4, 6), (3, 5, 4, 4)),
-    ("SeparableConv2d", lambda: nn.SeparableConv2d(4, 6, 3, padding=1, depth_multiplier=2, rngs=R()),
+    ("SeparableConv2d", lambda: nn.SeparableConv2d(4, 6, 3, padding=1, depth_multiplier=2, rngs=rngs()),
      lambda: tnn.SeparableConv2d(4, 6, 3, padding=1, depth_multiplier=2), (3, 7, 5, 4)),
     ("SeparableConv2d-pointwise-first",
-     lambda: nn.SeparableConv2d(4, 6, 3, 2, 1, depth_multiplier=2, bias=False, pointwise_first=True, rngs=R()),
+     lambda: nn.SeparableConv2d(4, 6, 3, 2, 1, depth_multiplier=2, bias=False, pointwise_first=True, rngs=rngs()),
      lambda: tnn.SeparableConv2d(4, 6, 3, 2, 1, depth_multiplier=2, bias=False, pointwise_first=True),
      (3, 7, 5, 4)),
     ("BatchNorm2d", lambda: nn.BatchNorm2d(4), lambda: torch.nn.BatchNorm2d(4), (3, 5, 4, 4)),
@@ -46,68 +45,52 @@ LAYERS = [
      lambda: torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False), (3, 9, 7, 4)),
     ("AdaptiveAvgPool2d", lambda: nn.AdaptiveAvgPool2d((4, 3)), lambda: torch.nn.AdaptiveAvgPool2d((4, 3)),
      (3, 9, 7, 4)),
-    ("Linear", lambda: nn.Linear(5, 3, rngs=R()), lambda: torch.nn.Linear(5, 3), (4, 5)),
-    ("Dropout-p0", lambda: nn.Dropout(0.0, rngs=R()), lambda: torch.nn.Dropout(0.0), (3, 5, 4, 4)),
+    ("Linear", lambda: nn.Linear(5, 3, rngs=rngs()), lambda: torch.nn.Linear(5, 3), (4, 5)),
+    ("Dropout-p0", lambda: nn.Dropout(0.0, rngs=rngs()), lambda: torch.nn.Dropout(0.0), (3, 5, 4, 4)),
 ]
 BLOCKS = [
-    ("InceptionModule", lambda: blocks.InceptionModule(8, 4, 3, 5, 2, 3, 4, rngs=R()),
+    ("InceptionModule", lambda: blocks.InceptionModule(8, 4, 3, 5, 2, 3, 4, rngs=rngs()),
      lambda: tblocks.InceptionModule(8, 4, 3, 5, 2, 3, 4), (2, 7, 6, 8)),
-    ("SimplifiedInception", lambda: blocks.SimplifiedInception(8, 3, 4, rngs=R()),
+    ("SimplifiedInception", lambda: blocks.SimplifiedInception(8, 3, 4, rngs=rngs()),
      lambda: tblocks.SimplifiedInception(8, 3, 4), (2, 7, 6, 8)),
-    ("SegmentedInception", lambda: blocks.SegmentedInception(8, 6, 9, 3, rngs=R()),
+    ("SegmentedInception", lambda: blocks.SegmentedInception(8, 6, 9, 3, rngs=rngs()),
      lambda: tblocks.SegmentedInception(8, 6, 9, 3), (2, 7, 6, 8)),
-    ("ExtremeInception", lambda: blocks.ExtremeInception(8, 6, rngs=R()),
+    ("ExtremeInception", lambda: blocks.ExtremeInception(8, 6, rngs=rngs()),
      lambda: tblocks.ExtremeInception(8, 6), (2, 7, 6, 8)),
-    ("ResNeXtBlockA-stride2", lambda: blocks.ResNeXtBlockA(8, 16, 4, 2, 2, rngs=R()),
+    ("ResNeXtBlockA-stride2", lambda: blocks.ResNeXtBlockA(8, 16, 4, 2, 2, rngs=rngs()),
      lambda: tblocks.ResNeXtBlockA(8, 16, 4, 2, 2), (2, 7, 6, 8)),
-    ("ResNeXtBlockB", lambda: blocks.ResNeXtBlockB(16, 16, 4, 2, rngs=R()),
+    ("ResNeXtBlockB", lambda: blocks.ResNeXtBlockB(16, 16, 4, 2, rngs=rngs()),
      lambda: tblocks.ResNeXtBlockB(16, 16, 4, 2), (2, 5, 4, 16)),
-    ("ResNeXtBlockC-stride2", lambda: blocks.ResNeXtBlockC(8, 16, 4, 2, 2, rngs=R()),
+    ("ResNeXtBlockC-stride2", lambda: blocks.ResNeXtBlockC(8, 16, 4, 2, 2, rngs=rngs()),
      lambda: tblocks.ResNeXtBlockC(8, 16, 4, 2, 2), (2, 7, 6, 8)),
 ]
-
-
-def _layout(a):
-    return a.transpose(0, 3, 1, 2) if a.ndim == 4 else a
-
-
-def _randomise_bn(module):
-    """Non-trivial BN affine parameters and running statistics, so eval mode tests something."""
-    g = torch.Generator().manual_seed(0)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=g))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def _check(jax_factory, torch_factory, shape, train):
     torch.manual_seed(0)
     tmod = torch_factory()
-    _randomise_bn(tmod)
+    randomise_torch_bn(tmod)
     jmod = from_torch(jax_factory(), tmod.state_dict())
     t64 = copy.deepcopy(tmod).double()
     tmod.train(train)
     t64.train(train)
     jmod.train() if train else jmod.eval()
 
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
-    xt = torch.tensor(_layout(x), requires_grad=True)
+    x = rand(shape)
+    xt = nchw(x).requires_grad_(True)
     tout = tmod(xt)
-    cot = rng.standard_normal(tout.shape).astype(np.float32)
+    cot = rand(tout.shape, seed=1)
     tout.backward(torch.tensor(cot))
-    x64 = torch.tensor(_layout(x), dtype=torch.float64, requires_grad=True)
+    x64 = nchw(x, torch.float64).requires_grad_(True)
     t64(x64).backward(torch.tensor(cot, dtype=torch.float64))
 
     def loss(m, x):
         y = m(x)
-        return jnp.sum(y * jnp.asarray(_layout(cot) if y.ndim != 4 else cot.transpose(0, 2, 3, 1))), y
+        return jnp.sum(y * jnp.asarray(nhwc(cot))), y
 
     (_, y), (gmod, gx) = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(jmod, jnp.asarray(x))
-    np.testing.assert_allclose(_layout(np.asarray(y)), tout.detach().numpy(), **OP_FP32, err_msg="forward")
-    np.testing.assert_allclose(_layout(np.asarray(gx)), xt.grad.numpy(), **OP_FP32, err_msg="grad x")
+    np.testing.assert_allclose(np.asarray(y), nhwc(tout), **OP_FP32, err_msg="forward")
+    np.testing.assert_allclose(np.asarray(gx), nhwc(xt.grad), **OP_FP32, err_msg="grad x")
 
     grads = nnx.clone(jmod)
     nnx.update(grads, gmod)
@@ -142,7 +125,7 @@ def test_layer_matches_torch(name, jax_factory, torch_factory, shape, train):
 def test_state_dict_round_trip(name, jax_factory, torch_factory, shape):
     """torch -> jaxconv -> torch reproduces every tensor bit for bit (num_batches_tracked aside)."""
     tmod = torch_factory()
-    _randomise_bn(tmod)
+    randomise_torch_bn(tmod)
     back = to_torch(from_torch(jax_factory(), tmod.state_dict()))
     expected = {k: v.numpy() for k, v in tmod.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(back) == set(expected)

@@ -35,9 +35,9 @@ from flax import nnx
 import torch_ref
 from jaxconv import config
 from jaxconv.convert import from_torch, to_torch
-from jaxconv.models import create_model, input_size, list_models
+from jaxconv.models import input_size, list_models
 from parity_tests.tolerances import BN_STATS, MODEL_LOGITS_ATOL
-from tests.zoo import HEAVY, params, reference
+from tests.helpers import HEAVY, filled_model, heads, nchw, nhwc, num_params, params, rand, reference
 
 MODELS = list_models()
 
@@ -93,36 +93,15 @@ def _check_hw(model, size: int) -> tuple[int, int]:
         size = hw[0] + hw[0] // 4
 
 
-def _input(shape, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
 def _nchw(x: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dtype)
+    """NCHW input for torch_ref (float64 in channels_last, as _as_float64's model)."""
+    t = nchw(x, dtype)
     return t.to(memory_format=torch.channels_last) if dtype == torch.float64 else t
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().numpy()
-    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
 def _as_float64(tm: torch.nn.Module) -> torch.nn.Module:
     """A float64 copy (channels_last: torch's float64 grouped convs are ~5x faster so)."""
     return copy.deepcopy(tm).double().to(memory_format=torch.channels_last)
-
-
-def _heads(out) -> dict:
-    """A model's output as {head name: array}: a dict of heads as is, plain logits as 'logits'."""
-    return dict(out) if isinstance(out, dict) else {"logits": out}
-
-
-def _num_params_jax(model) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def _num_params_torch(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------ model pairs
@@ -175,25 +154,13 @@ def _calibrate(tm, jm, x: np.ndarray) -> None:
     from_torch(jm, stats, strict=False)
 
 
-def _placeholder(leaf):
-    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        return jax.random.key(0)
-    return jnp.zeros(leaf.shape, leaf.dtype)
-
-
-def _empty_jax_model(name: str, **kwargs):
-    """The jaxconv model's structure with placeholder values, without running its initialisers."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(name, **kwargs)))
-    return nnx.merge(graphdef, jax.tree.map(_placeholder, state))
-
-
 @pytest.fixture(scope="module")
 def pair(request):
     """(name, torch model, jaxconv model with the torch weights), both in eval mode. Tests may
     recalibrate the BN statistics of both (together); other changes go to copies."""
     name = request.param
     tm = _torch_model(name)
-    jm = from_torch(_empty_jax_model(name), tm.state_dict())
+    jm = from_torch(filled_model(name, fill="zeros"), tm.state_dict())
     jm.eval()
     yield name, tm, jm
     jax.clear_caches()  # this model's executables (hundreds of MB on 2-core CI boxes)
@@ -217,7 +184,7 @@ def _logits(model, x):
 
 @nnx.jit
 def _train_forward(model, x):
-    return _heads(model(x))
+    return heads(model(x))
 
 
 @nnx.jit
@@ -225,7 +192,7 @@ def _train_step(model, x, cot):
     """Outputs of a train-mode forward, and the gradients of sum(output * cot) w.r.t. every
     parameter and the input; `model`'s BN running statistics are updated as in torch."""
     def loss_fn(model, x):
-        outs = _heads(model(x))
+        outs = heads(model(x))
         return sum(jnp.vdot(outs[k], cot[k]) for k in cot), outs
 
     (_, outs), (grads, gx) = nnx.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(model, x)
@@ -259,7 +226,7 @@ def _train_copies(name, tm, dtype, kwargs):
         t.load_state_dict(tm.state_dict(), strict=False)  # drops the heads kwargs remove
     else:
         t = copy.deepcopy(tm)
-    j = from_torch(_empty_jax_model(name, dtype=dtype, **kwargs), t.state_dict())
+    j = from_torch(filled_model(name, fill="zeros", dtype=dtype, **kwargs), t.state_dict())
     if dtype == jnp.float64:
         t = _as_float64(t)
     t.train()
@@ -281,12 +248,12 @@ def _rel(a, b) -> float:
 def _check_train_fp32(name, tm, kwargs, hw):
     """Train-mode forward (batch statistics) in float32: every head's output."""
     tm, jm = _train_copies(name, tm, jnp.float32, kwargs)
-    x = _input((2, *hw, 3), seed=3)
+    x = rand((2, *hw, 3), seed=3)
     with config.use_grouped_lowering(FAST_LOWERING):
         outs = _train_forward(jm, jnp.asarray(x))
     with torch.no_grad():
-        t_outs = _heads(tm(_nchw(x)))
-        t64 = _heads(_as_float64(tm)(_nchw(x, torch.float64)))
+        t_outs = heads(tm(_nchw(x)))
+        t64 = heads(_as_float64(tm)(_nchw(x, torch.float64)))
     assert set(outs) == set(t_outs), f"{name}: train-mode heads"
     for k, t in t_outs.items():
         _assert_close(f"{name} train output {k}", outs[k], t.numpy(), t64[k].numpy())
@@ -298,9 +265,9 @@ def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None,
     same function): every head's output, the gradient of sum(output * cot) w.r.t. the input and
     every parameter, and the BN running statistics afterwards."""
     tm, jm = _train_copies(name, tm, jnp.float64, kwargs)
-    x = _input((2, *hw, 3), seed=3)
+    x = rand((2, *hw, 3), seed=3)
     xt = _nchw(x, torch.float64).requires_grad_(True)
-    t_outs = _heads(tm(xt))
+    t_outs = heads(tm(xt))
     rng = np.random.default_rng(4)
     cot = {k: rng.standard_normal(tuple(v.shape)) for k, v in t_outs.items()}
     sum((v * torch.from_numpy(cot[k])).sum() for k, v in t_outs.items()).backward()
@@ -320,12 +287,12 @@ def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None,
     record("input", x.shape)
     record("outputs_err", max(float(np.abs(outs[k] - t.detach().numpy()).max())
                               for k, t in t_outs.items()))
-    record("input_grad_rel", _rel(gx, _nhwc(xt.grad)))
+    record("input_grad_rel", _rel(gx, nhwc(xt.grad)))
     for k, t in t_outs.items():
         assert outs[k].dtype == np.float64, f"{name} {k}: computed in {outs[k].dtype}"
         np.testing.assert_allclose(outs[k], t.detach().numpy(), rtol=0, atol=FP64_ATOL,
                                    err_msg=f"{name} train output {k} (float64)")
-    assert _rel(gx, _nhwc(xt.grad)) <= GRAD_RTOL, f"{name}: input gradient"
+    assert _rel(gx, nhwc(xt.grad)) <= GRAD_RTOL, f"{name}: input gradient"
     t_params = dict(tm.named_parameters())
     assert set(t_params) <= set(j_grads)
     bad = {}
@@ -356,7 +323,7 @@ def test_every_model_has_a_torch_ref_twin():
 @pytest.mark.parametrize("pair", _models(), indirect=True)
 def test_eval_logits_and_feature_maps_small_input(pair, record_property):
     name, tm, jm = pair
-    x = _input((2, *_check_hw(jm, 32 if name in HEAVY else 64), 3))
+    x = rand((2, *_check_hw(jm, 32 if name in HEAVY else 64), 3))
     _calibrate(tm, jm, x)
     lowering = FAST_LOWERING if name in HEAVY else config.grouped_lowering
     with config.use_grouped_lowering(lowering):
@@ -372,8 +339,8 @@ def test_eval_logits_and_feature_maps_small_input(pair, record_property):
     record_property("input", x.shape)
     assert list(feats) == list(t_feats), f"{name}: feature names and order"
     for k, t in t_feats.items():
-        err, noise = _assert_close(f"{name} feature {k}", feats[k], _nhwc(t),
-                                   _nhwc(t_feats64[k]), scale_floor=1.0)
+        err, noise = _assert_close(f"{name} feature {k}", feats[k], nhwc(t),
+                                   nhwc(t_feats64[k]), scale_floor=1.0)
         record_property(f"feature_{k}_err", err)
 
 
@@ -381,7 +348,7 @@ def test_eval_logits_and_feature_maps_small_input(pair, record_property):
 def test_eval_logits_native_size(pair, record_property):
     name, tm, jm = pair
     size = input_size(name)
-    x = _input((1, size, size, 3), seed=2)
+    x = rand((1, size, size, 3), seed=2)
     _calibrate(tm, jm, x)
     logits = _logits(jm, jnp.asarray(x))
     with torch.no_grad():
@@ -441,7 +408,7 @@ def test_state_dict_round_trip_and_param_count(pair):
         assert back[key].dtype == value.dtype, key
         np.testing.assert_array_equal(back[key], value, err_msg=key)
 
-    count = _num_params_jax(jm)
-    assert count == _num_params_torch(tm)
+    count = num_params(jm)
+    assert count == num_params(tm)
     if reference(name) is not None:
         assert count == reference(name)["num_params"]

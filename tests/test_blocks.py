@@ -1,23 +1,14 @@
 """The equivalences the papers state, proven with tied weights: ResNeXt forms (a) == (b) == (c),
 and the Xception paper's Figure 2 (towers) == Figure 3 (one 1x1 conv + segmented 3x3)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jaxconv.nn import blocks
+from tests.helpers import randomise, rngs
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def _randomise(module, seed=0):
-    """Random values for every parameter and BN statistic (variances positive)."""
-    key = jax.random.key(seed)
-    for path, var in nnx.to_flat_state(nnx.state(module, (nnx.Param, nnx.BatchStat))):
-        key, sub = jax.random.split(key)
-        v = jax.random.normal(sub, var.shape)
-        var[...] = jnp.abs(v) + 0.5 if path[-1] == "var" else v
 
 
 def _copy_bn(dst, src, sl):
@@ -47,9 +38,9 @@ def _tie_resnext(paths_block, grouped, width):
 @pytest.mark.parametrize("cin, cout, stride", [(16, 16, 1), (8, 32, 2)])
 def test_resnext_forms_equal_grouped(form, cin, cout, stride, train):
     cardinality, width = 8, 2
-    grouped = blocks.ResNeXtBlockC(cin, cout, cardinality, width, stride, rngs=nnx.Rngs(0))
+    grouped = blocks.ResNeXtBlockC(cin, cout, cardinality, width, stride, rngs=rngs())
     paths = form(cin, cout, cardinality, width, stride, rngs=nnx.Rngs(1))
-    _randomise(grouped)
+    randomise(grouped)
     _tie_resnext(paths, grouped, width)
     for m in (grouped, paths):
         m.train() if train else m.eval()
@@ -64,9 +55,9 @@ def test_resnext_forms_equal_grouped(form, cin, cout, stride, train):
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_simplified_inception_equals_segmented(train):
     towers, red, out = 3, 4, 5
-    fig3 = blocks.SegmentedInception(6, towers * red, towers * out, segments=towers, rngs=nnx.Rngs(0))
+    fig3 = blocks.SegmentedInception(6, towers * red, towers * out, segments=towers, rngs=rngs())
     fig2 = blocks.SimplifiedInception(6, red, out, towers=towers, rngs=nnx.Rngs(1))
-    _randomise(fig3)
+    randomise(fig3)
     for t, tower in enumerate(fig2.towers):
         r, o = slice(t * red, (t + 1) * red), slice(t * out, (t + 1) * out)
         tower[0].conv.kernel[...] = fig3.reduce.conv.kernel[...][..., r]
@@ -80,12 +71,12 @@ def test_simplified_inception_equals_segmented(train):
 
 
 def test_extreme_inception_is_depthwise():
-    m = blocks.ExtremeInception(6, 10, rngs=nnx.Rngs(0))
+    m = blocks.ExtremeInception(6, 10, rngs=rngs())
     assert m.spatial.conv.groups == 10 and m.spatial.conv.kernel.shape == (3, 3, 1, 10)
 
 
 def test_inception_branches_have_their_own_weights():
-    m = blocks.InceptionModule(8, 4, 4, 4, 4, 4, 4, rngs=nnx.Rngs(0))
+    m = blocks.InceptionModule(8, 4, 4, 4, 4, 4, 4, rngs=rngs())
     kernels = [np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))
                if p[-1] == "kernel" and v.shape == (1, 1, 8, 4)]
     assert len(kernels) == 4  # one 1x1 conv per branch, not one shared

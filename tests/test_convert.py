@@ -5,8 +5,7 @@ import torch
 from flax import nnx
 
 import torch_ref.blocks as tblocks
-from jaxconv.convert import (ConversionError, from_torch, load_checkpoint, load_weights,
-                             save_weights, to_torch)
+from jaxconv.convert import ConversionError, from_torch, load_checkpoint, load_weights, save_weights, to_torch
 from jaxconv.convert.__main__ import main as convert_main
 from jaxconv.nn import blocks
 

@@ -1,16 +1,17 @@
 """Bad input raises ValueError naming the argument, what was expected and what was got."""
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 from jaxconv import nn, ops
+from tests.helpers import rngs
 
 x = jnp.zeros((2, 9, 7, 4))
 w = jnp.zeros((3, 3, 4, 8))
-R = nnx.Rngs(0)
+R = rngs()
 
 CASES = [
-    ("rank", lambda: ops.conv2d(jnp.zeros((9, 7, 4)), w), r"x: expected a rank-4 array \(NHWC\), got shape \(9, 7, 4\)"),
+    ("rank", lambda: ops.conv2d(jnp.zeros((9, 7, 4)), w),
+     r"x: expected a rank-4 array \(NHWC\), got shape \(9, 7, 4\)"),
     ("weight rank", lambda: ops.conv2d(x, jnp.zeros((3, 4, 8))), r"weight: expected a rank-4 array"),
     ("NCHW input", lambda: ops.conv2d(jnp.zeros((2, 4, 9, 7)), w),
      r"x: expected 4 channels on the last axis \(NHWC.*got 7 in shape \(2, 4, 9, 7\).*NCHW"),
@@ -30,16 +31,22 @@ CASES = [
     ("even kernel same", lambda: ops.conv2d(x, jnp.zeros((2, 2, 4, 8)), padding="same"),
      r"padding: 'same' needs an odd effective kernel size .* got kernel_size=\(2, 2\)"),
     ("same with stride", lambda: ops.conv2d(x, w, stride=2, padding="same"), r"padding: 'same' needs stride 1"),
-    ("padding string", lambda: ops.conv2d(x, w, padding="full"), r"padding: expected an int, a pair, 'same' or 'valid', got 'full'"),
-    ("padding_mode", lambda: nn.Conv2d(4, 8, 3, padding_mode="mirror", rngs=R), r"padding_mode: expected one of .* got 'mirror'"),
+    ("padding string", lambda: ops.conv2d(x, w, padding="full"),
+     r"padding: expected an int, a pair, 'same' or 'valid', got 'full'"),
+    ("padding_mode", lambda: nn.Conv2d(4, 8, 3, padding_mode="mirror", rngs=R),
+     r"padding_mode: expected one of .* got 'mirror'"),
     ("stride zero", lambda: ops.conv2d(x, w, stride=0), r"stride: expected values >= 1, got 0"),
-    ("kernel_size triple", lambda: nn.Conv2d(4, 8, (3, 3, 3), rngs=R), r"kernel_size: expected an int or a pair of ints, got \(3, 3, 3\)"),
+    ("kernel_size triple", lambda: nn.Conv2d(4, 8, (3, 3, 3), rngs=R),
+     r"kernel_size: expected an int or a pair of ints, got \(3, 3, 3\)"),
     ("bias shape", lambda: ops.conv2d(x, w, jnp.zeros(4)), r"bias: expected shape \(8,\), got \(4,\)"),
     ("output_padding", lambda: ops.conv_transpose2d(jnp.zeros((1, 3, 3, 8)), w, stride=2, output_padding=2),
      r"output_padding: expected values smaller than stride or dilation"),
-    ("BatchNorm channels", lambda: nn.BatchNorm2d(3)(x), r"x: expected NHWC input with 3 channels on the last axis, got shape \(2, 9, 7, 4\)"),
-    ("BatchNorm one value", lambda: nn.BatchNorm2d(4)(jnp.zeros((1, 1, 1, 4))), r"x: training BatchNorm2d needs more than 1 value per channel"),
-    ("Linear features", lambda: nn.Linear(5, 3, rngs=R)(jnp.zeros((2, 4))), r"x: expected 5 features on the last axis, got shape \(2, 4\)"),
+    ("BatchNorm channels", lambda: nn.BatchNorm2d(3)(x),
+     r"x: expected NHWC input with 3 channels on the last axis, got shape \(2, 9, 7, 4\)"),
+    ("BatchNorm one value", lambda: nn.BatchNorm2d(4)(jnp.zeros((1, 1, 1, 4))),
+     r"x: training BatchNorm2d needs more than 1 value per channel"),
+    ("Linear features", lambda: nn.Linear(5, 3, rngs=R)(jnp.zeros((2, 4))),
+     r"x: expected 5 features on the last axis, got shape \(2, 4\)"),
     ("adaptive output", lambda: ops.adaptive_avg_pool2d(x, 0), r"output_size: expected values >= 1, got 0"),
     ("dropout p", lambda: nn.Dropout(1.5), r"p: expected a probability in \[0, 1\], got 1.5"),
     ("momentum", lambda: nn.BatchNorm2d(4, momentum=0.9 + 1), r"momentum: expected a float in \[0, 1\]"),

@@ -30,7 +30,7 @@ from jaxconv.models.mobilenet import MobileNetV1
 from jaxconv.models.registry import ALIASES
 from jaxconv.models.resnext import ResNeXt
 from jaxconv.models.xception import Xception
-from tests.zoo import BIG, HEAVY, params, reference
+from tests.helpers import BIG, HEAVY, abstract_model, filled_model, heads, params, reference
 
 MODELS = list_models()
 NUM_CLASSES = 10
@@ -43,41 +43,11 @@ def _models(slow=frozenset(), only=None):
     return params(MODELS, slow, only)
 
 
-def _abstract(name: str, **kwargs):
-    return nnx.eval_shape(lambda: create_model(name, **kwargs))
-
-
-def _filled(name: str, seed: int = 0, fill: str = "he", **kwargs):
-    """The model's structure with values from numpy (no initialiser compiles): `fill` 'he' gives
-    kernels He-normal over their fan-in, BN scales 1, biases 0, running mean 0 / var 1;
-    'constant' 0.5 everywhere, 'zeros' zeros (instant, for conversion tests)."""
-    graphdef, state = nnx.split(_abstract(name, **kwargs))
-    rng = np.random.default_rng(seed)
-
-    def fill_leaf(path, leaf):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.key(seed)
-        if fill != "he":
-            return jnp.full(leaf.shape, 0.5 if fill == "constant" else 0.0, leaf.dtype)
-        if path[-1] == "kernel":
-            fan_in = math.prod(leaf.shape[:-1])
-            return jnp.asarray(rng.standard_normal(leaf.shape) * math.sqrt(2 / fan_in), leaf.dtype)
-        if path[-1] in ("scale", "var"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return nnx.merge(graphdef, nnx.map_state(fill_leaf, state))
-
-
 def _input(model, batch: int = 4, size: int = 32, seed: int = 0) -> jax.Array:
     """A small non-square NHWC input the model accepts (its minimum size if larger)."""
     h = max(size, model.min_input_size)
     return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, h, h + h // 4, 3)),
                        jnp.float32)
-
-
-def _heads(out) -> dict:
-    return dict(out) if isinstance(out, dict) else {"logits": out}
 
 
 def _values(model) -> dict:
@@ -88,7 +58,7 @@ def _values(model) -> dict:
 def model(request):
     """(name, filled model with NUM_CLASSES classes in eval mode); tests that change it copy it."""
     name = request.param
-    m = _filled(name, num_classes=NUM_CLASSES, **SMALL_INPUT_KWARGS.get(name, {}))
+    m = filled_model(name, num_classes=NUM_CLASSES, **SMALL_INPUT_KWARGS.get(name, {}))
     m.eval()
     yield name, m
     jax.clear_caches()  # this model's executables
@@ -107,7 +77,7 @@ def _eval_all(model, x):
 
 @nnx.jit
 def _train_forward(model, x):
-    return _heads(model(x))
+    return heads(model(x))
 
 
 def _eval_once(name, m, x, cache={}):  # noqa: B006 (a per-process cache, on purpose)
@@ -183,7 +153,7 @@ def test_bfloat16_forward_agrees_with_float32(model):
     """dtype=bfloat16 computes in bf16 with float32 parameters and BN statistics; its eval
     logits are finite and pick the same class as float32 for each image of the batch."""
     name, m = model
-    graphdef16, _ = nnx.split(_abstract(name, num_classes=NUM_CLASSES, dtype=jnp.bfloat16,
+    graphdef16, _ = nnx.split(abstract_model(name, num_classes=NUM_CLASSES, dtype=jnp.bfloat16,
                                         **SMALL_INPUT_KWARGS.get(name, {})))
     m16 = nnx.merge(graphdef16, nnx.state(nnx.clone(m)))
     m16.eval()
@@ -209,8 +179,8 @@ def _other_family(name: str) -> str:
 
 @pytest.mark.parametrize("name", _models(slow=BIG))
 def test_wrong_model_checkpoint_raises_and_leaves_model_untouched(name):
-    target = _filled(name, fill="constant")
-    checkpoint = to_torch(_filled(_other_family(name), fill="zeros"))
+    target = filled_model(name, fill="constant")
+    checkpoint = to_torch(filled_model(_other_family(name), fill="zeros"))
     before = _values(target)
     with pytest.raises(ConversionError) as err:
         from_torch(target, checkpoint)
@@ -229,8 +199,8 @@ def test_wrong_model_checkpoint_raises_and_leaves_model_untouched(name):
 
 @pytest.mark.parametrize("name", _models(slow=BIG))
 def test_wrong_num_classes_checkpoint_names_the_head(name):
-    target = _filled(name, fill="constant")  # 1000 classes
-    checkpoint = to_torch(_filled(name, fill="zeros", num_classes=7))
+    target = filled_model(name, fill="constant")  # 1000 classes
+    checkpoint = to_torch(filled_model(name, fill="zeros", num_classes=7))
     head = sorted(k for k, v in to_torch(target).items() if v.shape != checkpoint[k].shape)
     assert head and any(k.endswith(".weight") for k in head), head
     before = _values(target)
@@ -244,7 +214,7 @@ def test_wrong_num_classes_checkpoint_names_the_head(name):
 
 @pytest.mark.parametrize("name", _models(slow=BIG))
 def test_bad_input_raises_value_error(name):
-    m = _abstract(name)
+    m = abstract_model(name)
     size = max(m.min_input_size, 8)
     cases = [np.zeros((1, 3, size, size + 1), np.float32),  # NCHW
              np.zeros((size, size, 3), np.float32),  # no batch axis
@@ -277,7 +247,7 @@ def test_keys_shapes_and_param_count_match_fixture(name):
     """Parameter paths / shapes are the torchvision / timm state_dict (num_batches_tracked aside)
     and the parameter count is theirs."""
     ref = reference(name)
-    m = _abstract(name)
+    m = abstract_model(name)
     got = {k: _torch_shape(path[-1], v.shape) for k, (path, v) in torch_items(m).items()}
     want = {k: list(s) for k, s in ref["state_dict"].items()
             if not k.endswith("num_batches_tracked")}
@@ -290,14 +260,14 @@ def test_keys_shapes_and_param_count_match_fixture(name):
 @pytest.mark.parametrize("alias", [pytest.param(a, marks=[pytest.mark.slow] if ALIASES[a] in BIG
                                                 else []) for a in sorted(ALIASES)])
 def test_aliases_build_their_canonical_model(alias):
-    a, c = _abstract(alias), _abstract(ALIASES[alias])
+    a, c = abstract_model(alias), abstract_model(ALIASES[alias])
     assert type(a) is type(c)
     assert set(torch_items(a)) == set(torch_items(c))
 
 
 @pytest.mark.parametrize("name", _models(slow=BIG))
 def test_num_classes_and_drop_rate_reach_the_head(name):
-    m = _abstract(name, num_classes=7, drop_rate=0.3)
+    m = abstract_model(name, num_classes=7, drop_rate=0.3)
     assert m.dropout.rate == 0.3
     outs = [k for k, (_, v) in torch_items(m).items() if k.endswith("bias") and v.shape == (7,)]
     assert outs, f"{name}: no 7-class head"

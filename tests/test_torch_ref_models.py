@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import AUX_PREFIXES, FIXTURE, num_params
 from torch_ref import create_model, list_models, register_model
 from torch_ref.models import googlenet as googlenet_mod
-from tests.zoo import FIXTURE
 
 REFERENCE = json.loads(FIXTURE.read_text())
 
@@ -31,7 +31,6 @@ PER_FAMILY = ["resnext50_32x4d", "googlenet", "inception_v3", "xception", "mobil
 SMALL_HW = {"resnext": (64, 96), "googlenet": (64, 96), "inception_v3": (75, 107),
             "xception": (71, 87), "mobilenet_v1": (64, 96)}
 NUM_CLASSES = 10
-AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 
 def _family(name: str) -> str:
@@ -78,10 +77,6 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _assert_same_state_dict(got: dict[str, list[int]], want: dict[str, list[int]]) -> None:
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
@@ -99,7 +94,7 @@ def test_state_dict_matches_reference(name):
     ref = REFERENCE[name]
     model = _meta_model(name)
     _assert_same_state_dict(_shapes(model), ref["state_dict"])
-    assert _num_params(model) == ref["num_params"]
+    assert num_params(model) == ref["num_params"]
 
 
 def _resnext_param_count(layers, groups, width_per_group, num_classes=1000) -> int:
@@ -134,7 +129,7 @@ def test_resnext152_params_and_keys():
     # torchvision publishes no number for this config: independent formula count (the formula
     # reproduces the three torchvision fixtures above); it agrees with the 59.95M that
     # mmpretrain's model zoo lists for ResNeXt-32x4d-152 (same layout, stride on the 3x3).
-    assert _num_params(model) == _resnext_param_count([3, 8, 36, 3], 32, 4) == 59_951_400
+    assert num_params(model) == _resnext_param_count([3, 8, 36, 3], 32, 4) == 59_951_400
     # keys: resnext50's, with layer2 / layer3 blocks repeated up to 8 / 36 (same shapes)
     r50 = REFERENCE["resnext50_32x4d"]["state_dict"]
     depth = {"layer1": 3, "layer2": 8, "layer3": 36, "layer4": 3}
@@ -437,5 +432,5 @@ def test_resnext50_dcn_is_resnext50_plus_offset_convs():
     model = create_model("resnext50_32x4d_dcn")
     assert all(not m.conv_offset.weight.detach().any() for m in model.modules()
                if hasattr(m, "conv_offset"))
-    assert _num_params(model) == REFERENCE["resnext50_32x4d"]["num_params"] + sum(
+    assert num_params(model) == REFERENCE["resnext50_32x4d"]["num_params"] + sum(
         math.prod(s) for s in expected.values())

@@ -1,7 +1,7 @@
 """The training entry point: CLI, data, the real train_and_evaluate loop, resume, multi-device.
 
-Cheap model: `resnext_tiny` (tests/train_models.py), the real ResNeXt class with one bottleneck
-per stage, registered in the test processes only. Compilations are cached on disk across the
+Cheap model: `resnext_tiny` (tests/helpers.py), the real ResNeXt class with one bottleneck
+per stage, registered for this module's tests only. Compilations are cached on disk across the
 test processes (JAX's persistent compilation cache) so the subprocess tests do not pay them
 twice. Slow tier: the digits learning run to >= 90% and resnext50_32x4d on mocked ImageNet.
 """
@@ -19,11 +19,11 @@ import jax
 import numpy as np
 import pytest
 
-import tests.train_models  # noqa: F401  (registers resnext_tiny)
+from tests.helpers import registered, resnext_tiny
 from train import input_pipeline
 from train.config import Config
 from train.imagenet import build_parser, main
-from train.trainer import NonFiniteLossError, load_init_weights, create_model, train_and_evaluate
+from train.trainer import NonFiniteLossError, create_model, load_init_weights, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(tempfile.gettempdir(), "jaxconv-test-xla-cache")
@@ -32,6 +32,12 @@ CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPI
 # the small digits run every fast test shares (same shapes: compiled programs are reused)
 DIGITS = dict(model="resnext_tiny", dataset="digits", image_size=32, batch_size=32,
               warmup_epochs=0.0, progress=False, log_every_steps=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_model():
+    with registered(resnext_tiny):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,8 +55,8 @@ def _compilation_cache():
 
 def _cli(args, *, env=None, devices=1, **popen):
     """`python -m train.imagenet ARGS` in a fresh process with resnext_tiny registered."""
-    code = ("import sys, tests.train_models; from train.imagenet import main; "
-            "sys.exit(main(sys.argv[1:]))")
+    code = ("import sys; from tests.helpers import registered, resnext_tiny; "
+            "from train.imagenet import main\nwith registered(resnext_tiny): sys.exit(main(sys.argv[1:]))")
     full_env = {**os.environ, **CACHE_ENV, "PYTHONPATH": ROOT, **(env or {})}
     if devices > 1:
         full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -228,6 +234,7 @@ def test_optimizer_schedule_and_weight_decay_mask():
     """lr = base * batch / 256, linear warmup then cosine to 0; weight decay reaches conv and
     linear kernels only (not BatchNorm scale/bias, not biases), for SGD and AdamW."""
     import jax.numpy as jnp
+
     from train.trainer import create_optimizer
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 4))}, "bn": {"scale": jnp.ones(4),
                                                                "bias": jnp.ones(4)},
@@ -300,6 +307,7 @@ def test_every_registered_model_has_a_train_and_eval_step(name, dtype):
     bf16 and keeps parameters, optimizer state and BatchNorm statistics float32."""
     import jax.numpy as jnp
     from flax import nnx
+
     from train.trainer import create_optimizer, make_eval_step, make_train_step
     cfg = Config(model=name, image_size=299 if name == "inception_v3" else 64,
                  batch_size=2, dtype=dtype).resolved()
@@ -420,6 +428,7 @@ def test_a_checkpoint_killed_mid_save_is_never_read(tmp_path):
     """SIGKILL while orbax is writing checkpoint 2 (its temporary directory exists): the
     directory then holds a partial step 2 that must never be mistaken for a checkpoint."""
     import orbax.checkpoint as ocp
+
     from train.trainer import checkpoint_manager
     ckpts = str(tmp_path / "checkpoints")
     proc = subprocess.Popen([sys.executable, "-c", _SAVE_BIG, ckpts], cwd=ROOT,
@@ -506,6 +515,7 @@ def test_two_hosts_train_and_resume(tmp_path):
 
 def test_init_from_torch_and_jaxconv_checkpoints_with_a_new_head(tmp_path):
     from safetensors.numpy import save_file
+
     from jaxconv.convert import ConversionError, save_weights, to_torch
     src = create_model(Config(model="resnext_tiny", seed=5).resolved(), 1000)
     sd = to_torch(src)

@@ -218,7 +218,7 @@ def tfds_source(name: str, data_dir: str | None, manual_dir: str | None, seed: i
     """A tfds image classification dataset by name. imagenet2012 is built from the manual
     download when needed; any other dataset must already be prepared (`tfds build NAME`)."""
     import tensorflow_datasets as tfds
-    tf = _tf()
+    _tf()  # configures TensorFlow (no accelerators) before tfds touches it
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # unknown name, bad config

@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 
-from jaxconv.convert import (ConversionError, from_torch, load_checkpoint, load_weights,
-                             save_weights, to_torch)
+from jaxconv.convert import ConversionError, from_torch, load_checkpoint, load_weights, save_weights, to_torch
 from jaxconv.models import create_model
 
 

@@ -3,5 +3,4 @@ from jaxconv.models.registry import create_model, input_size, list_models, regis
 
 __all__ = ["create_model", "input_size", "list_models", "register_model"]
 # Family modules register their entry points on import (one line each, below).
-from jaxconv.models import googlenet, inception_v3  # noqa: F401
-from jaxconv.models import mobilenet, resnext, xception  # noqa: F401
+from jaxconv.models import googlenet, inception_v3, mobilenet, resnext, xception  # noqa: F401  # noqa: F401

@@ -37,11 +37,10 @@ import numpy as np
 from flax import nnx
 
 from jaxconv import ops
-from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d, Sequential
-from jaxconv.nn import init as initializers
-from jaxconv.nn.blocks import BasicConv2d
 from jaxconv.models._common import check_input
 from jaxconv.models.registry import register_model
+from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d, Sequential, init as initializers
+from jaxconv.nn.blocks import BasicConv2d
 
 __all__ = ["Inception", "InceptionAux", "GoogLeNet", "googlenet", "transform_input"]
 

@@ -30,12 +30,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv import ops
-from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d
-from jaxconv.nn import init as initializers
-from jaxconv.nn.blocks import BasicConv2d
 from jaxconv.models._common import check_input
 from jaxconv.models.googlenet import transform_input
 from jaxconv.models.registry import register_model
+from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d, init as initializers
+from jaxconv.nn.blocks import BasicConv2d
 
 __all__ = ["InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",
            "InceptionAux", "InceptionV3", "inception_v3"]

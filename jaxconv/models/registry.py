@@ -35,6 +35,13 @@ def register_model(fn: Callable[..., nnx.Module]) -> Callable[..., nnx.Module]:
     return fn
 
 
+def deregister_model(name: str) -> None:
+    """Remove a model registered with `register_model` (e.g. one registered for a test)."""
+    if name not in _MODELS:
+        raise ValueError(f"deregister_model: no model registered as {name!r}")
+    del _MODELS[name]
+
+
 def list_models() -> list[str]:
     """Canonical names of every registered model, sorted (aliases not listed)."""
     return sorted(_MODELS)

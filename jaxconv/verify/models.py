@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxconv.verify import BN_STATS, MODEL_LOGITS_ATOL, excess
@@ -27,6 +27,7 @@ def verify_model(name: str, *, checkpoint=None, dtype: str = "float32", size: in
     (jaxconv in bf16 against torch in fp32) passes on top-1 agreement of every sample.
     """
     import torch
+
     import torch_ref
     from jaxconv.convert import from_torch, load_checkpoint, to_torch
     from jaxconv.models import create_model, input_size

@@ -95,5 +95,4 @@ def check_input(x: torch.Tensor, min_size: int, model: str) -> None:
 
 
 # Importing the family modules registers their entry points (after the registry exists).
-from torch_ref.models import (  # noqa: E402,F401
-    googlenet, inception_v3, mobilenet, resnext, xception)
+from torch_ref.models import googlenet, inception_v3, mobilenet, resnext, xception  # noqa: E402,F401
