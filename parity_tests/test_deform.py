@@ -4,6 +4,8 @@ autodiff and finite differences, conv2d equivalence, dtypes, transforms, memory,
 the DeformConv2d / ...Pack layers with checkpoint conversion."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -213,7 +215,8 @@ def test_fp32_batch_zero(use_mask):
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom VJP: equal to autodiff of the gather and to finite differences
+# The custom derivatives (a JVP whose tangent map transposes to the chunked backward): equal
+# to autodiff of the gather and to finite differences, in every mode and to second order
 
 @pytest.mark.parametrize("cfg, use_mask", [(ODD, True), (PLAIN, False)], ids=["odd", "plain"])
 def test_custom_vjp_equals_autodiff(cfg, use_mask):
@@ -226,6 +229,63 @@ def test_custom_vjp_equals_autodiff(cfg, use_mask):
             _, got = _jax_value_and_grads(inputs, kwargs, grad_out, jnp.float64, **extra)
             for k in GRADS:
                 _assert_close(f"grad {k} chunk={chunk}", got[k], want[k], rtol=0, atol=1e-12)
+
+
+def _ad_suite(fn, a, kwargs, tangents):
+    """jvp, jacfwd w.r.t. the offset, a Hessian-vector product, grad of grad and vmap of jvp
+    and of grad, for deform op `fn` on the float64 inputs `a`."""
+    names = ("x", "offset", "weight", "mask")
+
+    def out(x, o, w, m):
+        return fn(x, o, w, a["bias"], mask=m, **kwargs)
+
+    def loss(*args):
+        return jnp.sum(jnp.tanh(out(*args)))
+
+    args = tuple(a[k] for k in names)
+    t = tuple(tangents[k] for k in names)
+    return {"jvp": jax.jvp(out, args, t)[1],
+            "jacfwd_offset": jax.jacfwd(lambda o: out(a["x"], o, a["weight"], a["mask"]))(a["offset"]),
+            "hvp": jax.jvp(jax.grad(loss, argnums=(0, 1, 2, 3)), args, t)[1],
+            "grad_of_grad": jax.grad(lambda x: jnp.sum(jax.grad(loss, argnums=1)(
+                x, *args[1:]) ** 2))(a["x"]),
+            "vmap_jvp": jax.vmap(lambda tw: jax.jvp(lambda w: out(a["x"], a["offset"], w, a["mask"]),
+                                                    (a["weight"],), (tw,))[1])(
+                jnp.stack([t[2], -2 * t[2]])),
+            "vmap_grad": jax.vmap(jax.grad(loss), in_axes=(0, None, None, None))(
+                jnp.stack([a["x"], 0.5 * a["x"]]), *args[1:])}
+
+
+@pytest.mark.parametrize("cfg, kind, use_mask", [(ODD, "edges", True), (PLAIN, "random", False)],
+                         ids=["odd-edges-mask", "plain"])
+def test_forward_mode_and_higher_order_equal_autodiff(cfg, kind, use_mask):
+    """Forward-mode and second-order derivatives (the custom JVP, its linear tangent map's
+    transpose and batching rules) equal autodiff of the plain gather formulation, in float64,
+    with several chunks, at sample points exactly on cell edges too."""
+    inputs, kwargs, _ = _case(cfg, kind, use_mask, seed=8)
+    rng = np.random.default_rng(9)
+    with jax.enable_x64(True):
+        a = {k: None if v is None else jnp.asarray(v) for k, v in inputs.items()}
+        tangents = {k: None if v is None else jnp.asarray(rng.standard_normal(v.shape))
+                    for k, v in inputs.items()}
+        got = _ad_suite(functools.partial(deform_conv2d, chunk_elements=100), a, kwargs, tangents)
+        want = _ad_suite(_deform_conv2d_autodiff, a, kwargs, tangents)
+    for k in want:
+        for g, w in zip(jax.tree.leaves(got[k]), jax.tree.leaves(want[k]), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10, err_msg=k)
+
+
+def test_check_grads_second_order_fp64():
+    """Forward and reverse mode, to second order, against finite differences (offsets away
+    from cell edges, where the interpolation has kinks)."""
+    inputs, kwargs, _ = _case(PLAIN, "random", True, seed=10)
+    frac = inputs["offset"] - np.floor(inputs["offset"])
+    inputs["offset"] = np.floor(inputs["offset"]) + 0.15 + 0.7 * frac
+    with jax.enable_x64(True):
+        args = [jnp.asarray(inputs[k]) for k in ("x", "offset", "weight", "mask")]
+        fn = lambda x, o, w, m: deform_conv2d(x, o, w, mask=m, chunk_elements=100,  # noqa: E731
+                                              **kwargs)
+        check_grads(fn, args, order=2, modes=["fwd", "rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
 
 
 def test_chunking_rule():

@@ -10,13 +10,12 @@ import numbers
 from typing import Sequence
 
 import jax.numpy as jnp
-from jax import lax
 
-from jaxconv.ops import grouped
+from jaxconv.ops import lowering
 from jaxconv.ops._args import check_rank, pair
+from jaxconv.ops.cpu_conv import Geometry
 
 Pad = tuple[tuple[int, int], tuple[int, int]]
-_DIMS = ("NHWC", "HWIO", "NHWC")
 PAD_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -114,11 +113,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
               for n, (lo, hi), k, d, s in zip(in_hw, pads, (kh, kw), dilation, stride)]
     _check_output_size(in_hw, out_hw, f"kernel_size={(kh, kw)}, dilation={dilation}, padding={pads}")
     dtype = jnp.result_type(x, weight)
-    # grouped and 1x1 convs: the backend-aware lowering of ops/grouped.py (lax's on GPU / TPU)
-    y = grouped.conv_general_dilated(
-        x.astype(dtype), weight.astype(dtype), window_strides=stride, padding=pads,
-        rhs_dilation=dilation, dimension_numbers=_DIMS, feature_group_count=groups,
-        preferred_element_type=_accumulation(dtype))
+    # the backend-aware lowering of ops/lowering.py (lax's convolution on GPU / TPU)
+    y = lowering.conv(x.astype(dtype), weight.astype(dtype),
+                      Geometry((kh, kw), stride, tuple(pads), dilation, groups),
+                      preferred_element_type=_accumulation(dtype))
     return _add_bias(y.astype(dtype), bias, cout)
 
 
@@ -151,16 +149,13 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     out_hw = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op
               in zip(in_hw, stride, padding, dilation, (kh, kw), output_padding)]
     _check_output_size(in_hw, out_hw, f"padding={padding} with kernel_size={(kh, kw)}")
-    # The adjoint of a strided conv is a conv over the stride-dilated input with the kernel
-    # flipped and its in/out roles swapped within each group.
-    cin_per_group = cin // groups
-    w = weight[::-1, ::-1].reshape(kh, kw, cout_per_group, groups, cin_per_group)
-    w = w.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cin_per_group, groups * cout_per_group)
-    pads = [(d * (k - 1) - p, d * (k - 1) - p + op)
-            for k, d, p, op in zip((kh, kw), dilation, padding, output_padding)]
+    # the adjoint of the convolution C_out -> C_in (out_hw -> in_hw) with this kernel; an
+    # output_padding of a stride or more (possible when dilation > stride) is extra zero rows
+    # of x that conv reaches
+    extra = [op // s for op, s in zip(output_padding, stride)]
+    if any(extra):
+        x = jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0)))
     dtype = jnp.result_type(x, weight)
-    y = lax.conv_general_dilated(
-        x.astype(dtype), w.astype(dtype), window_strides=(1, 1), padding=pads,
-        lhs_dilation=stride, rhs_dilation=dilation, dimension_numbers=_DIMS,
-        feature_group_count=groups, preferred_element_type=_accumulation(dtype))
-    return _add_bias(y.astype(dtype), bias, groups * cout_per_group)
+    geo = Geometry((kh, kw), stride, tuple((p, p) for p in padding), dilation, groups)
+    y = lowering.conv_transpose(x.astype(dtype), weight.astype(dtype), geo, tuple(out_hw))
+    return _add_bias(y, bias, groups * cout_per_group)

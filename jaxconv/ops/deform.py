@@ -14,23 +14,23 @@ y <= -1, y >= H, x <= -1 or x >= W therefore reads 0). Padding only shifts coord
 Implementation: the output pixels N*H_out*W_out are processed in chunks (`lax.map` / `lax.scan`).
 Per chunk, the four bilinear corners of every (pixel, tap, offset group) are gathered as rows of
 C_in/offset_groups contiguous channels from x viewed as (N*H*W*offset_groups, C_in/offset_groups),
-blended into columns (pixels, kh*kw*C_in) and contracted with the kernel. A `custom_vjp`
-recomputes the columns chunk by chunk in the backward pass (nothing of size "columns" is stored
-between the passes) and scatter-adds the input gradient into the four corners.
+blended into columns (pixels, kh*kw*C_in) and contracted with the kernel.
 
-Gradients follow torchvision's kernel exactly: the derivative with respect to a sample coordinate
-is the derivative of the bilinear formula on the cell [floor(y), floor(y) + 1), i.e. the right
-derivative at integer coordinates, including y = -1 exactly (where the value is 0 but the right
-derivative is not). This is what autodiff of the per-corner formula gives, and the tests prove
-the custom VJP equal to it.
+Derivatives: a `custom_jvp` whose tangent is `tangent_p`, a primitive linear in the tangents:
+computed by forward-mode autodiff of the chunked gather (streaming, nothing stored), and
+transposed by a hand-written backward that recomputes the columns chunk by chunk and
+scatter-adds the input gradient into the four corners. So reverse mode stores no columns, and
+jvp, jacfwd, hessian, grad of grad and vmap of each all work. Gradients follow torchvision's
+kernel exactly: the derivative with respect to a sample coordinate is the derivative of the
+bilinear formula on the cell [floor(y), floor(y) + 1), i.e. the right derivative at integer
+coordinates, including y = -1 exactly (where the value is 0 but the right derivative is not);
+this is what autodiff of the per-corner formula gives, and the tests prove the backward equal
+to it.
 
 Memory: a chunk holds at most `chunk_elements` column entries (default `DEFAULT_CHUNK_ELEMENTS`,
 2**21, i.e. 8 MiB of float32 columns), preferring a chunk size that divides the pixel count so
-that no padding or output copy is needed. The working set of one chunk is a few times that (the
-columns, their gradient, the scatter updates); a 32x256x56x56 3x3 DCNv2 layer compiles to about
-20 MiB of temporaries forward and 80 MiB forward+backward (its im2col columns alone would be
-925 MiB; autodiff of the unchunked gather ~5.4 GB), independent of the batch size. On CPU,
-2**20..2**21 was fastest for the benchmark layers; larger chunks may suit accelerators.
+that no padding or output copy is needed; the working set of one chunk is a few times that,
+independent of the batch size (measured: BENCHMARKS.md, "Deformable convolution").
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from jaxconv.ops._args import check_rank, pair
 
@@ -238,13 +240,84 @@ def _forward(geo: _Geo, x, offset, mask, weight):
     return _unpixels(out, geo).astype(geo.out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _deform(geo: _Geo, x, offset, mask, weight):
     return _forward(geo, x, offset, mask, weight)
 
 
-def _deform_fwd(geo: _Geo, x, offset, mask, weight):
-    return _forward(geo, x, offset, mask, weight), (x, offset, mask, weight)
+@_deform.defjvp
+def _deform_jvp(geo: _Geo, primals, tangents):
+    """The output's tangent is `tangent_p`: linear in the tangents, its transpose is the chunked
+    backward below, so reverse mode never differentiates the gather (nor stores its columns)."""
+    x, offset, mask, weight = primals
+    args = [a for a in (x, offset, mask, weight, *tangents) if a is not None]
+    return _forward(geo, x, offset, mask, weight), tangent_p.bind(*args, geo=geo,
+                                                                  has_mask=mask is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tangent map d out = J(x, offset, mask, weight) . (dx, d offset, d mask, d weight) as a
+# primitive linear in its tangent operands (primals first, then as many tangents).
+
+tangent_p = Primitive("jaxconv_deform_tangent")
+
+
+def _split(args, has_mask):
+    n = 4 if has_mask else 3
+    primals, tangents = list(args[:n]), list(args[n:])
+    if not has_mask:
+        primals.insert(2, None)
+        tangents.insert(2, None)
+    return primals, tangents
+
+
+def _tangent_impl(*args, geo, has_mask):
+    """Forward-mode autodiff of the gather formulation: streams chunk by chunk, no residuals."""
+    primals, tangents = _split(args, has_mask)
+    keep = [i for i, p in enumerate(primals) if p is not None]
+
+    def f(*arrays):
+        full = [None] * 4
+        for i, a in zip(keep, arrays):
+            full[i] = a
+        return _forward(geo, *full)
+
+    return jax.jvp(f, [primals[i] for i in keep], [tangents[i] for i in keep])[1]
+
+
+def _tangent_transpose(ct, *args, geo, has_mask):
+    primals, tangents = _split(args, has_mask)
+    if any(ad.is_undefined_primal(p) for p in primals if p is not None):
+        raise ValueError("deform_conv2d's tangent map is linear in its tangents only")
+    if type(ct) is ad.Zero:
+        grads = [None if t is None else ad.Zero(t.aval) for t in tangents]
+    else:
+        grads = list(_deform_bwd(geo, primals, ct))
+    n = len(args) - len([t for t in tangents if t is not None])
+    return [None] * n + [g for g, t in zip(grads, tangents) if t is not None]
+
+
+def _tangent_jvp(primals, tangents, *, geo, has_mask):
+    tangents = tuple(jnp.zeros(p.shape, p.dtype) if type(t) is ad.Zero else t
+                     for p, t in zip(primals, tangents))
+    f = functools.partial(_tangent_impl, geo=geo, has_mask=has_mask)
+    return jax.jvp(f, tuple(primals), tangents)
+
+
+def _tangent_batch(args, dims, *, geo, has_mask):
+    """vmap: one tangent map per batch element (the primitive stays, so does its transpose)."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    return lax.map(lambda a: tangent_p.bind(*a, geo=geo, has_mask=has_mask), args), 0
+
+
+tangent_p.def_impl(_tangent_impl)
+tangent_p.def_abstract_eval(lambda *args, geo, has_mask: jax.core.ShapedArray(
+    (geo.N, geo.Ho, geo.Wo, geo.Cout), jnp.dtype(geo.out_dtype)))
+mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_impl, multiple_results=False))
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+ad.primitive_jvps[tangent_p] = _tangent_jvp
+batching.primitive_batchers[tangent_p] = _tangent_batch
 
 
 def _deform_bwd(geo: _Geo, res, g_out):
@@ -312,7 +385,6 @@ def _deform_bwd(geo: _Geo, res, g_out):
     return g_x, g_off, g_msk, g_weight
 
 
-_deform.defvjp(_deform_fwd, _deform_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

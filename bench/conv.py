@@ -1,0 +1,305 @@
+"""Convolutions and whole models: jaxconv vs PyTorch, side by side, on CPU.
+
+    python -m bench conv [--layers] [--models] [--names resnext50_32x4d,...] [--engines auto,onednn]
+                         [--passes fwd,bwd_data,bwd_weights,fwdbwd] [--kinds grouped,dense]
+                         [--batch 8] [--repeats 7] [--model-repeats 5] [--only SUBSTRING,...]
+
+--layers: every distinct Conv2d of the chosen models (jaxconv.summary.conv_layers, native input
+size), batch `batch`, float32. Per pass: fwd (the output), bwd_data (input gradient),
+bwd_weights (kernel gradient), fwdbwd (all three, what a train step does); jaxconv under each
+engine (jaxconv.config.conv_lowering forced, or 'auto' = the policy table) vs torch 2.13
+(oneDNN) on channels_last tensors: torch.nn.functional.conv2d and
+torch.ops.aten.convolution_backward with the same output mask.
+
+--models: every registered model (or --names) at its native size: inference (eval mode,
+nnx.jit / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
+update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last.
+
+Every number is a wall time over `repeats` runs after one warm-up run (which compiles),
+jax.block_until_ready on jaxconv's side, jaxconv and torch interleaved run by run so that load
+changes hit both; torch uses torch.set_num_threads(threads), XLA's CPU client its default (all
+cores). ratio = jaxconv / torch (below 1: jaxconv is faster), of the minima and of the medians.
+The 1-minute load average before and after is printed; a loaded machine skews both columns.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from jaxconv.summary import conv_layers
+
+PASSES = ("fwd", "bwd_data", "bwd_weights", "fwdbwd")
+LAYER_MODELS = ("resnext50_32x4d", "xception", "mobilenet_v1", "googlenet", "inception_v3")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _interleaved(fns, repeats):
+    """{name: (min, median)} seconds; each fn warmed up once, then run round-robin."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(_timed(fn))
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def _fmt(t):
+    return f"{1e3 * t[0]:.2f} / {1e3 * t[1]:.2f}"
+
+
+def _ratio(j, t):
+    return f"{j[0] / t[0]:.2f} / {j[1] / t[1]:.2f}"
+
+
+# ------------------------------------------------------------------------------------ layers
+
+def distinct_layers(names, kinds=None):
+    """[(name, ConvLayer)] over `names`, each distinct conv once (first model that has it)."""
+    seen, out = set(), []
+    for m in names:
+        for layer, paths in conv_layers(m).items():
+            if layer in seen or (kinds and layer.kind not in kinds):
+                continue
+            seen.add(layer)
+            out.append((f"{m}.{paths[0]}" + (f" (x{len(paths)})" if len(paths) > 1 else ""), layer))
+    return out
+
+
+def _layer_fns(layer, batch, engines, passes):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import torch.nn.functional as F
+
+    from jaxconv import config, ops
+
+    h, w_, c = layer.in_hwc
+    g = layer.groups
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, h, w_, c)).astype(np.float32)
+    w = (rng.standard_normal((*layer.kernel_size, c // g, layer.out_channels))
+         / np.sqrt(np.prod(layer.kernel_size) * c / g)).astype(np.float32)
+    kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=g)
+    y = jax.eval_shape(lambda x, w: ops.conv2d(x, w, **kw), x, w).shape
+    gy = rng.standard_normal(tuple(y)).astype(np.float32)
+    xj, wj, gj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(gy)
+
+    def jax_pass(p):
+        """A fresh function per engine: jax.jit caches traces by function, and the engine is
+        read when tracing."""
+        f = lambda x, w: ops.conv2d(x, w, **kw)  # noqa: E731
+        return {"fwd": lambda x, w, g: f(x, w),
+                "bwd_data": lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g),
+                "bwd_weights": lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g),
+                "fwdbwd": lambda x, w, g: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w))}[p]
+
+    fns = {}
+    for name in engines:
+        with config.use_conv_lowering(name):
+            for p in passes:
+                compiled = jax.jit(jax_pass(p)).lower(xj, wj, gj).compile()
+                fns[(name, p)] = lambda c=compiled: jax.block_until_ready(c(xj, wj, gj))
+
+    cl = torch.channels_last
+    tx = torch.tensor(x.transpose(0, 3, 1, 2)).contiguous(memory_format=cl)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1)).contiguous(memory_format=cl)
+    tg = torch.tensor(gy.transpose(0, 3, 1, 2)).contiguous(memory_format=cl)
+    pad = layer.padding if not isinstance(layer.padding, str) else layer.padding
+    targs = (layer.stride, pad, layer.dilation, g)
+
+    def back(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            tg, tx, tw, None, list(layer.stride), list(_pair(pad)), list(layer.dilation), False,
+            [0, 0], g, mask)
+
+    def t_fwd():
+        with torch.no_grad():
+            F.conv2d(tx, tw, None, *targs)
+
+    torch_passes = {"fwd": t_fwd, "bwd_data": back([True, False, False]),
+                    "bwd_weights": back([False, True, False])}
+
+    def t_fwdbwd():
+        t_fwd()
+        back([True, True, False])()
+
+    torch_passes["fwdbwd"] = t_fwdbwd
+    for p in passes:
+        fns[("torch", p)] = torch_passes[p]
+    return fns
+
+
+def _pair(p):
+    return (p, p) if isinstance(p, int) else tuple(p)
+
+
+def bench_layers(args):
+    layers = [(n, layer) for n, layer in distinct_layers(args.names or LAYER_MODELS, args.kinds)
+              if not args.only or any(o in n for o in args.only)]
+    head = ["layer", "kind", "C_in->C_out, k, HxW, stride, pad, groups"]
+    for p in args.passes:
+        head += ["torch " + p + " ms"] + [f"{p} {e} / torch" for e in args.engines]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    rows = []
+    for name, layer in layers:
+        fns = _layer_fns(layer, args.batch, args.engines, args.passes)
+        res = _interleaved(fns, args.repeats)
+        h, w, c = layer.in_hwc
+        row = [name, layer.kind, f"{c}->{layer.out_channels}, {layer.kernel_size[0]}x"
+               f"{layer.kernel_size[1]}, {h}x{w}, {layer.stride[0]}, {layer.padding}, {layer.groups}"]
+        for p in args.passes:
+            row += [_fmt(res[("torch", p)])] + [_ratio(res[(e, p)], res[("torch", p)])
+                                                for e in args.engines]
+        print("| " + " | ".join(row) + " |", flush=True)
+        rows.append((name, layer, res))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ models
+
+def _jax_model_fns(name, batch, size, engine):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from jaxconv import config
+    from jaxconv.models import create_model
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, size, size, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 1000, batch))
+    model = create_model(name)
+    model.eval()
+
+    @nnx.jit
+    def infer(model, x):
+        return model(x)
+
+    train_model = create_model(name, aux_logits=False) if name in ("googlenet", "inception_v3") \
+        else create_model(name)
+    train_model.train()
+    opt = nnx.Optimizer(train_model, optax.sgd(0.01, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    with config.use_conv_lowering(engine):  # the lowering is read when traced: now
+        jax.block_until_ready(infer(model, x))
+        jax.block_until_ready(step(train_model, opt, x, y))
+    return (lambda: jax.block_until_ready(infer(model, x)),
+            lambda: jax.block_until_ready(step(train_model, opt, x, y)))
+
+
+def _torch_model_fns(name, batch, size):
+    import torch
+    import torch.nn.functional as F
+
+    import torch_ref.models as tm
+
+    rng = np.random.default_rng(0)
+    cl = torch.channels_last
+    x = torch.tensor(rng.standard_normal((batch, 3, size, size)), dtype=torch.float32)
+    x = x.contiguous(memory_format=cl)
+    y = torch.tensor(rng.integers(0, 1000, batch))
+    model = tm.create_model(name).to(memory_format=cl).eval()
+    kwargs = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    train_model = tm.create_model(name, **kwargs).to(memory_format=cl).train()
+    opt = torch.optim.SGD(train_model.parameters(), lr=0.01, momentum=0.9)
+
+    def infer():
+        with torch.no_grad():
+            model(x)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(train_model(x), y).backward()
+        opt.step()
+
+    return infer, step
+
+
+def bench_models(args):
+    from jaxconv.models import input_size, list_models
+
+    names = [m for m in (args.names or list_models()) if not args.only or any(o in m for o in args.only)]
+    print("| model, batch x size | pass | torch_ref ms (min / med) | " + " | ".join(
+        f"jaxconv {n} ms | {n} / torch" for n in args.engines) + " |")
+    print("|---|---|---|" + "---|---|" * len(args.engines))
+    for name in names:
+        size = input_size(name)
+        fns = {}
+        for n in args.engines:
+            fns[(n, "inference")], fns[(n, "train step")] = _jax_model_fns(
+                name, args.model_batch, size, n)
+        fns[("torch", "inference")], fns[("torch", "train step")] = _torch_model_fns(
+            name, args.model_batch, size)
+        for p in ("inference", "train step"):
+            res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
+            cells = []
+            for n in args.engines:
+                cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
+            print(f"| {name}, {args.model_batch} x {size} | {p} | {_fmt(res[('torch', p)])} | "
+                  + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench conv", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", action="store_true", help="per-layer benchmarks")
+    p.add_argument("--models", action="store_true", help="whole-model benchmarks")
+    p.add_argument("--names", default="", help="comma-separated model names (default: all)")
+    p.add_argument("--kinds", default="", help="layer kinds: pointwise, depthwise, grouped, dense")
+    p.add_argument("--engines", default="auto", help="comma-separated conv_lowering values")
+    p.add_argument("--passes", default="fwd,fwdbwd", help=f"layer passes: {','.join(PASSES)}")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--model-repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--only", default="", help="comma-separated substrings of layer/model names")
+    args = p.parse_args(argv)
+    split = lambda s: [o for o in s.split(",") if o]  # noqa: E731
+    args.only, args.names, args.kinds = split(args.only), split(args.names), split(args.kinds)
+    args.engines, args.passes = split(args.engines), split(args.passes)
+    if not (args.layers or args.models):
+        args.layers = args.models = True
+
+    import jax
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads, channels_last); load before "
+          f"{os.getloadavg()[0]:.2f}")
+    if args.layers:
+        print(f"\n## layers: batch {args.batch}, float32, {args.repeats} repeats, ms min / median"
+              f" and jaxconv / torch ratios of the minima / medians\n")
+        bench_layers(args)
+    if args.models:
+        print(f"\n## models: batch {args.model_batch}, float32, {args.model_repeats} repeats\n")
+        bench_models(args)
+    print(f"\n# load after {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""How ``ops.conv2d`` / ``ops.conv_transpose2d`` (and, as a drop-in, ``nnx.Conv``) compute a
+convolution, per backend.
+
+On every backend but CPU: lax's convolution (cuDNN and the TPU compiler have fast kernels for
+every variant). On CPU, XLA's own convolution is slow for grouped and depthwise convs (it
+expands them into dense convs with block-diagonal kernels, and its weight gradient into
+something far worse), for few input channels and, in its backward pass, generally; so CPU convs
+go through ``jaxconv.ops.cpu_conv.conv_p`` (oneDNN or jaxconv's kernel, pass by pass, as
+``jaxconv.ops.policy`` decides) or, for 1x1 convs, a matrix product.
+
+``jaxconv.config.conv_lowering`` (or the ``lowering`` argument) forces one engine instead of
+'auto': 'xla' (lax everywhere, the reference), 'onednn' or 'kernel' (CPU; passes the engine
+cannot compute, e.g. oneDNN in float64, use lax). The choice is read when a function is traced.
+
+On a CPU-default process the CPU formulation sits in a ``lax.platform_dependent`` branch whose
+other branch is lax's convolution, so a computation lowered for GPU/TPU (``jax.export``) keeps
+cuDNN's kernels; processes whose default backend is not CPU trace lax only. ``jax.export`` of a
+computation lowered for CPU needs ``disabled_checks=EXPORT_CHECKS`` (this package's FFI targets
+carry no cross-version guarantee).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxconv import config
+from jaxconv.ops import native
+from jaxconv.ops.cpu_conv import DIMS, Geometry, bind
+
+EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
+
+
+def _compute_dtype(dtype):
+    """Floating inputs below 32 bits are computed in float32 on CPU (what torch does there);
+    None: not a floating dtype (lax only)."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return None
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _on_cpu(x, w, cpu_fn, lax_fn):
+    """cpu_fn where the computation is lowered for CPU, lax_fn on any other platform."""
+    if jax.default_backend() != "cpu":
+        return lax_fn(x, w)
+    return lax.platform_dependent(x, w, cpu=cpu_fn, default=lax_fn)
+
+
+def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
+         lowering: str | None = None):
+    """``lax.conv_general_dilated(x, w, geo.stride, geo.pads, rhs_dilation=geo.dilation,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=geo.groups)``, computed as
+    the configured lowering says. Low-precision inputs are computed in float32 on CPU and
+    returned in `preferred_element_type` or their own dtype."""
+    name = config.check_conv_lowering(config.conv_lowering if lowering is None else lowering)
+    out_dtype = preferred_element_type or x.dtype
+
+    def native_conv(x, w):
+        return lax.conv_general_dilated(x, w, geo.stride, geo.pads, None, geo.dilation, DIMS,
+                                        feature_group_count=geo.groups, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+    ct = _compute_dtype(x.dtype)
+    if name == "xla" or ct is None:
+        return native_conv(x, w)
+
+    def cpu(x, w):
+        return bind("fwd", x.astype(ct), w.astype(ct), geo, lowering=name).astype(out_dtype)
+    return _on_cpu(x, w, cpu, native_conv)
+
+
+def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
+    """The transposed convolution: the adjoint of ``conv(., w, geo)`` (from an input of spatial
+    size `out_hw`) applied to `x`; torch's conv_transpose2d with its padding in `geo.pads`."""
+    name = config.check_conv_lowering(config.conv_lowering if lowering is None else lowering)
+
+    def native_tconv(x, w):
+        y = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[2] * geo.groups), x.dtype)
+        return jax.linear_transpose(lambda y: lax.conv_general_dilated(
+            y, w, geo.stride, geo.pads, None, geo.dilation, DIMS,
+            feature_group_count=geo.groups, preferred_element_type=_accumulation(x.dtype)
+        ).astype(x.dtype), y)(x)[0]
+
+    ct = _compute_dtype(x.dtype)
+    if name == "xla" or ct is None:
+        return native_tconv(x, w)
+
+    def cpu(x, w):
+        return bind("bwd_data", x.astype(ct), w.astype(ct), geo, in_hw=out_hw,
+                    lowering=name).astype(x.dtype)
+    return _on_cpu(x, w, cpu, native_tconv)
+
+
+def _accumulation(dtype):
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None,
+                         **kwargs):
+    """Drop-in for ``lax.conv_general_dilated`` (e.g. ``nnx.Conv(...,
+    conv_general_dilated=jaxconv.ops.lowering.conv_general_dilated)``): 2-D NHWC / HWIO
+    convolutions go through ``conv`` (this module's lowering); everything else straight to lax."""
+    routed = (batch_group_count == 1 and lhs.ndim == 4
+              and all(d == 1 for d in (lhs_dilation or (1, 1)))
+              and not any(v is not None for v in kwargs.values())
+              and _is_nhwc(lhs.ndim, dimension_numbers))
+    if not routed:
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+            **{k: v for k, v in kwargs.items() if v is not None})
+    dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str):
+        window = [d * (k - 1) + 1 for k, d in zip(rhs.shape[:2], dilation)]
+        padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
+    geo = Geometry(tuple(rhs.shape[:2]), tuple(window_strides),
+                   tuple(tuple(p) for p in padding), dilation, feature_group_count)
+    return conv(lhs, rhs, geo, preferred_element_type=preferred_element_type,
+                precision=precision)
+
+
+def _is_nhwc(ndim: int, dimension_numbers) -> bool:
+    if dimension_numbers is None:
+        return False
+    dn = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers)
+    return dn == lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, DIMS)

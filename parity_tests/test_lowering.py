@@ -1,0 +1,463 @@
+"""The CPU convolution engines (jaxconv.ops.lowering / cpu_conv / policy) against torch and lax.
+
+- every engine (oneDNN, jaxconv's kernel, lax, and 'auto' = the policy table), forced through
+  jaxconv.config, on the op grid's conv and transposed-conv cases plus odd grouped ones (stride
+  (2,1), padding (1,0), dilation (2,1), kernel (3,2), groups 2/4/32, depthwise with multiplier
+  1 and 2, batch 0, non-square, reflect padding), forward and the gradients of x, weight and
+  bias vs torch.nn.functional, in fp32 and bf16;
+- forward-mode and higher-order AD through the primitive (jvp, jacfwd, hessian, grad of grad,
+  vmap of these) against lax's convolution, in float64 (kernel) and float32 (oneDNN);
+- every distinct grouped / depthwise layer of ResNeXt-50, Xception and MobileNet-v1: 'auto' vs
+  lax in float64, and in float32 against the float64 answer;
+- the kernel's vector modes in float64; the policy table row by row; fallbacks (no oneDNN, no
+  compiler); the nnx.Conv drop-in; lax's convolution kept whenever a computation is lowered for
+  a GPU or TPU; the config switch.
+
+jax.jit caches a trace per function, and the engine is read when tracing: every comparison
+below traces a fresh function per engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxconv import config, ops
+from jaxconv.ops import lowering, native, policy
+from jaxconv.ops.cpu_conv import Geometry, bind
+from jaxconv.summary import conv_layers
+from jaxconv.verify.ops import CONV2D, CONV_TRANSPOSE2D, OpCase, _torch_fn, run_case
+from parity_tests.tolerances import OP_BF16_RTOL, OP_FP32
+from tests.helpers import rand
+
+ENGINES = ("xla", "onednn", "kernel", "auto")
+
+
+def _conv(x, w, **kw):
+    return OpCase("conv2d", x, kw, w, bias=True)
+
+
+CASES = CONV2D + CONV_TRANSPOSE2D + [
+    _conv((3, 9, 7, 8), (8, 2, 3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=4),
+    _conv((3, 10, 7, 64), (64, 2, 3, 3), stride=(2, 1), padding=(1, 0), groups=32),   # G=32
+    _conv((3, 8, 11, 64), (128, 2, 3, 3), padding=1, dilation=(2, 1), groups=32),     # C_out/G=4
+    _conv((3, 9, 7, 12), (12, 1, 3, 3), stride=2, padding=1, groups=12),              # depthwise
+    _conv((3, 9, 7, 6), (12, 1, 3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+          groups=6),                                                                  # mult 2
+    _conv((0, 9, 7, 6), (12, 1, 3, 3), padding=1, groups=6),                          # batch 0
+    _conv((3, 5, 6, 6), (3, 2, 2, 2), groups=3),                                      # C_out/G=1
+    _conv((2, 4, 4, 4), (4, 1, 3, 3), padding=3, groups=4),   # padding past the input
+    _conv((2, 9, 8, 3), (16, 3, 7, 7), stride=2, padding=3),                          # a stem
+    _conv((2, 9, 8, 5), (7, 5, 1, 1), stride=(2, 3)),                                 # 1x1 /2
+]
+BF16 = [dataclasses.replace(c, dtype="bfloat16") for c in CASES
+        if c.op == "conv2d" and c.x[0] and c.kwargs.get("groups", 1) > 1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_engine_matches_torch(case, engine):
+    with config.use_conv_lowering(engine):
+        r = run_case(case)      # eager: each primitive compiled for its own parameters
+    assert r.passed, f"{engine} {case.id}: forward {r.forward:.3g}, gradients {r.grads}"
+
+
+def _bf16_grads(case: OpCase, engine: str):
+    """jaxconv's bf16 forward and x / weight gradients, and torch's fp32 ones on the same
+    bf16-rounded inputs."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(case.x), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(case.weight).transpose(2, 3, 1, 0), jnp.bfloat16)
+    kw = case.kwargs
+    with config.use_conv_lowering(engine):
+        y, vjp = jax.vjp(lambda *a: ops.conv2d(*a, **kw), x, w)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.bfloat16)
+    grads = vjp(g)
+    f32 = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731
+    tx = f32(x).permute(0, 3, 1, 2).requires_grad_()
+    tw = f32(w).permute(3, 2, 0, 1).requires_grad_()
+    ty = _torch_fn(case)(tx, tw, None)
+    ty.backward(f32(g).permute(0, 3, 1, 2))
+    ours = [y.transpose(0, 3, 1, 2), grads[0].transpose(0, 3, 1, 2), grads[1].transpose(3, 2, 0, 1)]
+    return [(np.asarray(a, np.float32), t.numpy()) for a, t in zip(ours, [ty.detach(), tx.grad, tw.grad])]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", BF16, ids=[c.id for c in BF16])
+def test_engine_bf16_forward_and_grads(case, engine):
+    for name, (ours, ref) in zip(["y", "x", "weight"], _bf16_grads(case, engine)):
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        err, scale = np.max(np.abs(ours - ref)), np.max(np.abs(ref))
+        assert err <= OP_BF16_RTOL * scale, f"{engine} {name}: {err:.3g} vs scale {scale:.3g}"
+
+
+# ------------------------------------------------------------ forward-mode and higher order
+
+AD_CASES = [  # (x shape, w shape HWIO, conv2d keywords): depthwise x2, grouped, stem, dense
+    ((2, 7, 6, 4), (3, 2, 1, 8), dict(stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=4)),
+    ((2, 6, 7, 8), (3, 3, 2, 8), dict(padding=1, groups=4)),
+    ((2, 9, 8, 3), (3, 3, 3, 4), dict(stride=2, padding=1)),
+    ((1, 5, 6, 16), (3, 3, 16, 4), dict(padding=(1, 0))),
+]
+
+
+def _ad_suite(engine, xs, ws, kw, dtype):
+    """jvp, jacfwd, hessian-vector product, grad of grad and vmap of grad, traced fresh."""
+    x, w = jnp.asarray(rand(xs, 1), dtype), jnp.asarray(rand(ws, 2), dtype)
+    tx, tw = jnp.asarray(rand(xs, 3), dtype), jnp.asarray(rand(ws, 4), dtype)
+    with config.use_conv_lowering(engine):
+        def conv(x, w):
+            return ops.conv2d(x, w, **kw)
+
+        def loss(x, w):
+            return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
+
+        out = {"jvp": jax.jvp(conv, (x, w), (tx, tw))[1],
+               "jacfwd_w": jax.jacfwd(loss, argnums=1)(x, w),
+               "hvp": jax.jvp(jax.grad(loss, argnums=(0, 1)), (x, w), (tx, tw))[1],
+               "grad_of_grad": jax.grad(lambda w: jnp.sum(jax.grad(loss)(x, w) ** 2))(w),
+               "vmap_grad": jax.vmap(jax.grad(loss, argnums=1), in_axes=(0, None))(
+                   jnp.stack([x, 2 * x]), w),
+               "vmap_jvp_w": jax.vmap(lambda t: jax.jvp(lambda w: conv(x, w), (w,), (t,))[1])(
+                   jnp.stack([tw, -tw]))}
+    return jax.tree.map(np.asarray, out)
+
+
+@pytest.mark.parametrize("engine", ["kernel", "onednn", "auto"])
+@pytest.mark.parametrize("xs, ws, kw", AD_CASES, ids=["depthwise-mult2", "grouped", "stem", "dense"])
+def test_forward_mode_and_higher_order_ad(engine, xs, ws, kw):
+    """The primitive's JVP, transpose and batching rules against lax's own: float64 where the
+    engine has it (the kernel), else float32 (oneDNN) with a tolerance for its rounding."""
+    if engine == "onednn":
+        got, want = _ad_suite(engine, xs, ws, kw, jnp.float32), _ad_suite("xla", xs, ws, kw, jnp.float32)
+        tol = dict(rtol=1e-4, atol=1e-4)
+    else:
+        with jax.enable_x64(True):
+            got, want = (_ad_suite(e, xs, ws, kw, jnp.float64) for e in (engine, "xla"))
+        tol = dict(rtol=1e-10, atol=1e-10)
+    for k in want:
+        for a, b in zip(jax.tree.leaves(got[k]), jax.tree.leaves(want[k]), strict=True):
+            scale = max(1.0, float(np.max(np.abs(b))))
+            np.testing.assert_allclose(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                       err_msg=f"{engine} {k}")
+
+
+def test_transposed_conv_forward_mode_ad():
+    x, w = jnp.asarray(rand((2, 4, 5, 4))), jnp.asarray(rand((3, 3, 3, 4), 1))
+    outs = {}
+    for engine in ("onednn", "xla"):
+        with config.use_conv_lowering(engine):
+            f = lambda x, w: jnp.sum(ops.conv_transpose2d(x, w, stride=2, padding=1) ** 3)  # noqa: E731
+            outs[engine] = jax.jacfwd(f, argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree.leaves(outs["onednn"]), jax.tree.leaves(outs["xla"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1, float(np.abs(b).max())))
+
+
+# ----------------------------------------------------------------------- real layer shapes
+
+# every distinct grouped / depthwise layer of the models that have them:
+# (name, C, H = W, stride, groups), 3x3 kernel, padding 1, C -> C channels
+LAYERS = [(f"{m}.{paths[0]}", layer.in_hwc[2], layer.in_hwc[0], layer.stride[0], layer.groups)
+          for m in ("resnext50_32x4d", "xception", "mobilenet_v1")
+          for layer, paths in conv_layers(m).items() if layer.groups > 1]
+
+
+def _layer_problem(c, hw, stride, groups, batch=2, dtype=jnp.float64):
+    rng = np.random.default_rng(c + hw + stride)
+    x = jnp.asarray(rng.standard_normal((batch, hw, hw, c)), dtype)
+    w = jnp.asarray(rng.standard_normal((3, 3, c // groups, c)) / np.sqrt(9 * c / groups), dtype)
+    ho = (hw - 1) // stride + 1
+    g = jnp.asarray(rng.standard_normal((batch, ho, ho, c)), dtype)
+    return x, w, g
+
+
+def _all_passes(engine, x, w, g, stride, groups):
+    with config.use_conv_lowering(engine):
+        f = lambda x, w: ops.conv2d(x, w, stride=stride, padding=1, groups=groups)  # noqa: E731
+        return jax.jit(lambda x, w, g: (f(x, w), *jax.vjp(f, x, w)[1](g)))(x, w, g)
+
+
+def _close(a, b, what, scale=1.0):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=OP_FP32["rtol"],
+                               atol=OP_FP32["atol"] * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[layer[0] for layer in LAYERS])
+def test_auto_equals_xla_on_model_layers_in_float64(layer):
+    """Forward, input and weight gradient of 'auto' (float64: the kernel) and lax."""
+    name, c, hw, stride, groups = layer
+    with jax.enable_x64(True):
+        x, w, g = _layer_problem(c, hw, stride, groups)
+        got, want = (_all_passes(e, x, w, g, stride, groups) for e in ("auto", "xla"))
+    for what, a, b in zip(("forward", "input gradient", "weight gradient"), got, want):
+        assert a.dtype == jnp.float64
+        _close(a, b, f"{name} {what}")
+
+
+@pytest.mark.parametrize("engine", ["onednn", "kernel"])
+def test_model_layers_in_float32(engine):
+    """Every grouped / depthwise model layer in float32, all three passes, against the float64
+    answer, to the op tolerance scaled by each result's largest value."""
+    for name, c, hw, stride, groups in LAYERS:
+        x, w, g = _layer_problem(c, hw, stride, groups, batch=1, dtype=jnp.float32)
+        got = _all_passes(engine, x, w, g, stride, groups)
+        with jax.enable_x64(True):
+            f64 = lambda a: jnp.asarray(np.asarray(a), jnp.float64)  # noqa: E731
+            want = _all_passes("xla", f64(x), f64(w), f64(g), stride, groups)
+        for what, a, b in zip(("forward", "input gradient", "weight gradient"), got, want):
+            _close(np.asarray(a, np.float64), b, f"{engine} {name} {what}",
+                   max(1.0, float(np.max(np.abs(b)))))
+
+
+def test_kernel_modes_in_float64():
+    """Every vector mode of grouped_cpu.cc (direct, broadcast, shuffle, expand) and the partial
+    last vector, with strides, dilations and crops, forward and both gradients, against lax in
+    float64 (where any indexing slip is far above rounding)."""
+    rng = np.random.default_rng(7)
+    # (x shape, C_out, groups, kernel, stride, padding, dilation): the mode each one hits
+    cases = [((2, 9, 7, 40), 40, 40, (3, 3), (2, 1), ((1, 1), (0, 2)), (1, 2)),     # direct
+             ((2, 6, 7, 64), 64, 2, (3, 2), (1, 2), ((2, 0), (1, 1)), (1, 1)),      # broadcast
+             ((2, 9, 8, 32), 32, 8, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # shuffle
+             ((1, 7, 9, 12), 24, 6, (2, 3), (1, 1), ((3, -1), (1, 2)), (2, 1)),     # shuffle, 2L
+             ((2, 8, 9, 10), 15, 5, (3, 3), (1, 2), ((1, 1), (1, 1)), (1, 1)),      # expand
+             ((2, 5, 6, 6), 12, 6, (3, 1), (1, 1), ((1, 1), (0, 0)), (1, 1)),       # multiplier 2
+             ((2, 11, 9, 3), 32, 1, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),      # dense stem
+             ((1, 8, 7, 16), 48, 1, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1))]      # dense
+    with jax.enable_x64(True):
+        for shape, cout, groups, k, stride, pads, dil in cases:
+            x = jnp.asarray(rng.standard_normal(shape))
+            w = jnp.asarray(rng.standard_normal((*k, shape[3] // groups, cout)))
+            geo = Geometry(k, stride, pads, dil, groups)
+            outs = {}
+            for engine in ("kernel", "xla"):
+                f = lambda x, w, e=engine: lowering.conv(x, w, geo, lowering=e)  # noqa: E731
+                y, vjp = jax.vjp(f, x, w)
+                outs[engine] = (y, *vjp(jnp.cos(y)))
+            for what, a, b in zip(("forward", "x grad", "w grad"), outs["kernel"], outs["xla"]):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-12,
+                                           err_msg=f"{what} {shape} groups={groups}")
+
+
+# ------------------------------------------------------------------------ the policy table
+
+def _hlo(fn, *args, platform="cpu"):
+    return jax.export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=lowering.EXPORT_CHECKS)(*args).mlir_module()
+
+
+def _targets(text):
+    """The computation's convolution engines: FFI targets and lax convolutions, by name."""
+    found = {t for t in native.TARGETS if f"@{t}(" in text}
+    return found | ({"stablehlo.convolution"} if "stablehlo.convolution" in text else set())
+
+
+ROW_SHAPES = {  # kind -> (x shape, w shape HWIO, conv2d keywords)
+    "pointwise": ((1, 6, 6, 16), (1, 1, 16, 8), dict(stride=2)),
+    "depthwise": ((1, 6, 6, 16), (3, 3, 1, 16), dict(padding=1, groups=16)),
+    "grouped": ((1, 6, 6, 16), (3, 3, 4, 16), dict(padding=1, groups=4)),
+    "stem": ((1, 9, 9, 3), (3, 3, 3, 16), dict(stride=2, padding=1)),
+    "dense": ((1, 6, 6, 64), (3, 3, 64, 16), dict(padding=1)),
+}
+TARGET = {"onednn": {"jaxconv_onednn_conv"}, "xla": {"stablehlo.convolution"},
+          "kernel": {"jaxconv_grouped_conv", "jaxconv_grouped_conv_wgrad"}}
+
+
+@pytest.mark.parametrize("row", sorted(policy.TABLE), ids=lambda r: "-".join(r))
+def test_policy_table_row(row):
+    """Each (kind, pass) row: the shape is classified as that kind, and the pass, traced and
+    lowered for CPU, runs on the first available engine of the row."""
+    kind, op = row
+    xs, ws, kw = ROW_SHAPES[kind]
+    geo_pads = kw.get("padding", 0)
+    assert policy.kind(ws[:2], xs[3], kw.get("groups", 1), bool(geo_pads)) == kind
+    x, w = jnp.ones(xs), jnp.ones(ws)
+    y = jax.eval_shape(lambda x, w: ops.conv2d(x, w, **kw), x, w)
+    g = jnp.ones(y.shape)
+    fn = {"fwd": lambda x, w: ops.conv2d(x, w, **kw),
+          "bwd_data": lambda x, w: jax.vjp(lambda x: ops.conv2d(x, w, **kw), x)[1](g),
+          "bwd_weights": lambda x, w: jax.vjp(lambda w: ops.conv2d(x, w, **kw), w)[1](g)}[op]
+    text = _hlo(fn, x, w)
+    chosen = policy.first_available(policy.TABLE[row])
+    if chosen == "matmul":
+        assert "stablehlo.dot_general" in text and not _targets(text), (row, _targets(text))
+    else:
+        found = _targets(text)
+        assert found and found <= TARGET[chosen], (row, chosen, found)
+    # and the second choice, where the first is missing (the fallback path)
+    rest = [e for e in policy.TABLE[row] if e != chosen]
+    if rest:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native, "available", lambda name: name != chosen)
+            text = _hlo(lambda *a: fn(*a), x, w)
+        second = policy.first_available(rest)
+        found = _targets(text)
+        if second == "matmul":
+            assert not found and "stablehlo.dot_general" in text, (row, found)
+        else:
+            assert found and found <= TARGET[second], (row, second, found)
+
+
+def test_policy_falls_back_when_an_engine_is_missing(monkeypatch):
+    """Without oneDNN 'auto' takes the kernel where the row lists it (else lax); without any
+    compiler, lax everywhere; a forced engine that cannot be had raises, naming what is missing."""
+    geo = Geometry((3, 3), pads=((1, 1), (1, 1)), groups=4)
+    x, w = jax.core.ShapedArray((1, 6, 6, 16), jnp.float32), jax.core.ShapedArray((3, 3, 4, 16), jnp.float32)
+    dense = Geometry((3, 3), pads=((1, 1), (1, 1)))
+    xd, wd = jax.core.ShapedArray((1, 6, 6, 64), jnp.float32), jax.core.ShapedArray((3, 3, 64, 8), jnp.float32)
+    if native.available("onednn"):
+        assert policy.engine("fwd", geo, x, w) == "onednn"
+    monkeypatch.setattr(native, "available", lambda name: name in ("kernel", "xla", "matmul"))
+    assert policy.engine("fwd", geo, x, w) == "kernel"
+    assert policy.engine("bwd_weights", geo, x, w) == "kernel"
+    assert policy.engine("fwd", dense, xd, wd) == "xla"
+    monkeypatch.setattr(native, "available", lambda name: name in ("xla", "matmul"))
+    assert policy.engine("fwd", geo, x, w) == "xla"
+    # float64: oneDNN has none, so forcing it computes that pass with lax
+    x64, w64 = x.update(dtype=jnp.float64), w.update(dtype=jnp.float64)
+    monkeypatch.undo()
+    assert policy.engine("fwd", geo, x64, w64, "onednn") == "xla"
+
+
+def test_forced_engine_without_a_compiler_names_what_is_missing(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*CXX='no-such-compiler'"):
+        native.load.__wrapped__("kernel")
+    monkeypatch.setattr(native, "available", lambda name: name in ("xla", "matmul"))
+    x, w = jnp.ones((1, 5, 5, 16)), jnp.ones((3, 3, 2, 16))
+    text = _hlo(lambda x, w: ops.conv2d(x, w, padding=1, groups=8), x, w)
+    assert _targets(text) == {"stablehlo.convolution"}
+
+
+def test_onednn_missing_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXCONV_ONEDNN_ROOT", str(tmp_path))
+    with pytest.raises(RuntimeError, match="oneDNN not found: install the wheels"):
+        native.onednn_paths()
+
+
+# ----------------------------------------------------------- drop-in, backends, config
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 0), (2, 1))])
+@pytest.mark.parametrize("groups, features", [(4, 8), (8, 8), (2, 6), (1, 6)])
+def test_nnx_conv_drop_in(padding, groups, features):
+    """nnx.Conv with conv_general_dilated=lowering.conv_general_dilated equals plain nnx.Conv,
+    and really goes through the primitive."""
+    kw = dict(in_features=8, out_features=features, kernel_size=(3, 2), strides=(2, 1),
+              kernel_dilation=(1, 2), padding=padding, feature_group_count=groups)
+    ref = nnx.Conv(**kw, rngs=nnx.Rngs(0))
+    ours = nnx.Conv(**kw, conv_general_dilated=lowering.conv_general_dilated, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rand((3, 9, 7, 8)))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))  # noqa: E731
+    (l_ref, (g_ref, gx_ref)), (l_ours, (g_ours, gx_ours)) = (
+        jax.value_and_grad(lambda m, x: loss(m, x), argnums=(0, 1))(m, x) for m in (ref, ours))
+    _close(l_ours, l_ref, "loss")
+    _close(gx_ours, gx_ref, "input gradient")
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
+        _close(a, b, "parameter gradient")
+    assert "jaxconv_conv" in str(jax.make_jaxpr(lambda x: ours(x))(x))
+
+
+def test_drop_in_passes_other_convolutions_to_lax():
+    x = jnp.ones((2, 6, 6, 4))
+    wg = jnp.ones((3, 3, 1, 4))
+    for w_, kw in ((wg, dict(lhs_dilation=(2, 2), feature_group_count=4)),
+                   (wg, dict(dimension_numbers=("NCHW", "HWIO", "NCHW"), feature_group_count=4)),
+                   (jnp.ones((3, 3, 4, 8)), dict(batch_group_count=2))):
+        kw = dict(dict(dimension_numbers=("NHWC", "HWIO", "NHWC")), **kw)
+        jaxpr = str(jax.make_jaxpr(lambda x, w: lowering.conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), **kw))(x if "NCHW" not in str(kw) else
+                                                   jnp.ones((2, 4, 6, 6)), w_))
+        assert "conv_general_dilated" in jaxpr and "jaxconv_conv" not in jaxpr, kw
+
+
+def _model_like(x, wd, wg, wt):
+    """A depthwise, a grouped, a dense and a transposed conv, and their gradients."""
+    def f(x, wd, wg, wt):
+        y = ops.conv2d(ops.conv2d(x, wd, padding=1, groups=32), wg, padding=1, groups=8)
+        y = ops.conv_transpose2d(y, wt, stride=2, padding=1)
+        return jnp.sum(y * y)
+    return jax.grad(f, argnums=(0, 1, 2, 3))(x, wd, wg, wt)
+
+
+ARGS = (jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 1, 32)), jnp.ones((3, 3, 4, 32)),
+        jnp.ones((3, 3, 16, 32)))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm", "tpu"])
+def test_gpu_and_tpu_keep_lax_convolutions(platform):
+    """Lowered for an accelerator, 'auto' is lax's convolution (cuDNN / the TPU compiler):
+    every convolution keeps its feature_group_count and no CPU engine is left."""
+    text = _hlo(_model_like, *ARGS, platform=platform)
+    assert "feature_group_count = 32" in text and "feature_group_count = 8" in text
+    assert _targets(text) == {"stablehlo.convolution"}
+
+
+def test_cpu_auto_uses_the_engines():
+    text = _hlo(_model_like, *ARGS)
+    assert "feature_group_count" not in text
+    assert _targets(text) and "stablehlo.convolution" not in _targets(text)
+    with config.use_conv_lowering("xla"):
+        assert "feature_group_count = 8" in _hlo(lambda *a: _model_like(*a), *ARGS)
+
+
+def test_config_switch_and_its_former_name():
+    assert config.conv_lowering == config.grouped_lowering == "auto"
+    with config.use_conv_lowering("kernel"):
+        assert config.conv_lowering == config.grouped_lowering == "kernel"
+        with pytest.raises(ValueError, match="conv_lowering"):
+            with config.use_grouped_lowering("fast"):
+                pass
+        assert config.conv_lowering == "kernel"
+    assert config.conv_lowering == "auto"
+    with pytest.raises(ValueError, match=r"conv_lowering: expected one of \('auto', 'xla'"):
+        config.set_conv_lowering("fma")     # the pure-JAX formulations are gone
+    with pytest.raises(ValueError, match="conv_lowering"):
+        lowering.conv(jnp.ones((1, 4, 4, 4)), jnp.ones((3, 3, 1, 4)), Geometry((3, 3), groups=4),
+                      lowering="nope")
+
+
+def test_lowering_argument_overrides_config():
+    x, w = jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4))
+    with config.use_conv_lowering("xla"):
+        jaxpr = str(jax.make_jaxpr(lambda x, w: lowering.conv(
+            x, w, Geometry((3, 3), pads=((1, 1), (1, 1)), groups=4), lowering="kernel"))(x, w))
+    assert "jaxconv_conv" in jaxpr
+
+
+def test_primitive_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="operands of one dtype"):
+        bind("fwd", jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16), Geometry((3, 3)))
+
+
+# ------------------------------------------------------------------------- pointwise convs
+
+POINTWISE = [_conv((3, 9, 7, 5), (6, 5, 1, 1), stride=s) for s in (1, 2, 3)] + [
+    _conv((2, 8, 8, 64), (32, 64, 1, 1), stride=(2, 1))]
+
+
+@pytest.mark.parametrize("engine", ENGINES + ("matmul",))
+@pytest.mark.parametrize("case", POINTWISE, ids=[c.id for c in POINTWISE])
+def test_pointwise_matches_torch(case, engine):
+    with config.use_conv_lowering(engine):
+        r = run_case(case)
+        bf16 = run_case(dataclasses.replace(case, dtype="bfloat16"))
+    assert r.passed, f"{engine} {case.id}: forward {r.forward:.3g}, gradients {r.grads}"
+    assert bf16.passed, f"{engine} {case.id} bf16: forward {bf16.forward:.3g}"
+
+
+def test_matmul_engine_is_for_1x1_convs_on_cpu_only():
+    x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((1, 1, 8, 4))
+
+    def f(x, w):
+        return jax.grad(lambda x, w: jnp.sum(ops.conv2d(x, w, stride=2) ** 2), argnums=(0, 1))(x, w)
+
+    with config.use_conv_lowering("matmul"):
+        cpu, gpu = _hlo(lambda *a: f(*a), x, w), _hlo(lambda *a: f(*a), x, w, platform="cuda")
+        padded = _hlo(lambda x, w: ops.conv2d(x, w, padding=1), x, w)
+    assert not _targets(cpu) and "stablehlo.dot_general" in cpu
+    assert _targets(gpu) == {"stablehlo.convolution"} and "stablehlo.dot_general" not in gpu
+    assert _targets(padded) == {"stablehlo.convolution"}    # not a matrix product: lax
