@@ -129,10 +129,10 @@ def test_eval_logits_match_torch(name, transform):
         with torch.no_grad():
             tlogits, tfeats = tmodel(nchw(x)), tmodel.feature_maps(nchw(x))
         jlogits, jfeats = _forward_and_features(jmodel, x)
-        assert list(jfeats) == list(tfeats) == list(jmodel.feature_info)
-        for k, t in tfeats.items():
+        assert list(jfeats) == list(tfeats) == jmodel.feature_info.module_name()
+        for (k, t), channels in zip(tfeats.items(), jmodel.feature_info.channels()):
             assert jfeats[k].shape == nhwc(t).shape, k
-            assert jfeats[k].shape[-1] == jmodel.feature_info[k][0], k
+            assert jfeats[k].shape[-1] == channels, k
             err = _max_err(jfeats[k], nhwc(t))
             print(f"{name} {k}: max abs error {err:.3g} (max |value| {float(t.abs().max()):.3g})")
             assert err <= MODEL_LOGITS_ATOL * max(1.0, float(t.abs().max())), f"{k}: {err:.3g}"

@@ -45,7 +45,7 @@ def test_truncated_and_missing_files_raise(tmp_path):
     tmod, _ = _pair()
     torch.save(tmod.state_dict(), tmp_path / "ok.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:300])
-    with pytest.raises(ConversionError, match=r"path: cannot read checkpoint .*cut.pth"):
+    with pytest.raises(ConversionError, match=r"path: cannot read torch checkpoint .*cut.pth"):
         load_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(ConversionError, match=r"path: no checkpoint file at .*nothere.pth"):
         load_checkpoint(tmp_path / "nothere.pth")
@@ -85,7 +85,7 @@ def test_jaxconv_weights_round_trip_and_mismatch(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     wrong = blocks.ResNeXtBlockC(16, 16, 4, 2, rngs=nnx.Rngs(7))
     before = _snapshot(wrong)
-    with pytest.raises(ConversionError, match="unexpected in file: downsample.0.kernel"):
+    with pytest.raises(ConversionError, match="unexpected in checkpoint: downsample.0.kernel"):
         load_weights(wrong, tmp_path / "w.safetensors")
     after = _snapshot(wrong)
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -110,7 +110,8 @@ def test_convert_cli_round_trip_is_lossless(tmp_path):
 def test_convert_cli_wrong_head_fails_naming_the_key(tmp_path, capsys):
     import torch_ref
     torch.save(torch_ref.create_model("mobilenet_v1", num_classes=10).state_dict(), tmp_path / "src.pth")
-    assert convert_main(["mobilenet_v1", str(tmp_path / "src.pth"), str(tmp_path / "out.safetensors")]) == 1
+    assert convert_main(["mobilenet_v1", str(tmp_path / "src.pth"), str(tmp_path / "out.safetensors"),
+                         "--num-classes", "1000"]) == 1
     err = capsys.readouterr().err
     assert "shape mismatch: classifier.weight: checkpoint (10, 1024) vs model (1000, 1024)" in err
     assert not (tmp_path / "out.safetensors").exists()

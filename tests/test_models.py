@@ -27,7 +27,7 @@ from jaxconv.convert import ConversionError, from_torch, to_torch
 from jaxconv.convert.state import torch_items
 from jaxconv.models import create_model, list_models
 from jaxconv.models.mobilenet import MobileNetV1
-from jaxconv.models.registry import ALIASES
+from jaxconv.models.registry import aliases
 from jaxconv.models.resnext import ResNeXt
 from jaxconv.models.xception import Xception
 from tests.helpers import BIG, HEAVY, abstract_model, filled_model, heads, params, reference
@@ -98,8 +98,8 @@ def test_eval_forward_is_finite_with_named_feature_maps(model):
     logits, feats = _eval_once(name, m, x)
     assert logits.shape == (x.shape[0], NUM_CLASSES) and logits.dtype == np.float32
     assert np.isfinite(logits).all(), f"{name}: non-finite logits"
-    assert list(feats) == list(m.feature_info), f"{name}: feature names / order"
-    for k, (channels, stride) in m.feature_info.items():
+    assert list(feats) == m.feature_info.module_name(), f"{name}: feature names / order"
+    for k, channels, stride in zip(feats, m.feature_info.channels(), m.feature_info.reduction()):
         f = feats[k]
         assert f.ndim == 4 and f.shape[0] == x.shape[0] and f.shape[-1] == channels, (name, k)
         # nominal stride: padded convs give ceil(size / stride), valid ones a little less
@@ -255,6 +255,9 @@ def test_keys_shapes_and_param_count_match_fixture(name):
     assert {k: s for k, s in got.items() if s != want[k]} == {}
     count = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert count == ref["num_params"]
+
+
+ALIASES = aliases()
 
 
 @pytest.mark.parametrize("alias", [pytest.param(a, marks=[pytest.mark.slow] if ALIASES[a] in BIG

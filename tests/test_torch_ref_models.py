@@ -290,22 +290,25 @@ def test_drop_rate_is_dropout_right_before_classifier(name):
 # ------------------------------------------------------------------------ feature maps
 
 # name -> [(feature name, channels, (H, W) for the family's SMALL_HW input)]
-FEATURES = {
-    "resnext50_32x4d": [("stem", 64, (32, 48)), ("layer1", 256, (16, 24)),
+FEATURES = {   # timm's feature levels (googlenet, not in timm: its stages' ends)
+    "resnext50_32x4d": [("act1", 64, (32, 48)), ("layer1", 256, (16, 24)),
                         ("layer2", 512, (8, 12)), ("layer3", 1024, (4, 6)),
                         ("layer4", 2048, (2, 3))],
-    "googlenet": [("stem", 192, (8, 12)), ("inception3b", 480, (8, 12)),
-                  ("inception4e", 832, (4, 6)), ("inception5b", 1024, (2, 3))],
+    "googlenet": [("conv1", 64, (32, 48)), ("conv3", 192, (16, 24)),
+                  ("inception3b", 480, (8, 12)), ("inception4e", 832, (4, 6)),
+                  ("inception5b", 1024, (2, 3))],
     # unpadded stem: 75x107 -> 37x53 -> 35x51 -> 17x25 -> 15x23 | 7x11 | 3x5 | 1x2
-    "inception_v3": [("Conv2d_4a_3x3", 192, (15, 23)), ("Mixed_5d", 288, (7, 11)),
-                     ("Mixed_6e", 768, (3, 5)), ("Mixed_7c", 2048, (1, 2))],
-    # unpadded stem: 71x87 -> 35x43 -> 33x41, then pad-1 stride-2 max pools
-    "xception": [("stem", 64, (33, 41)), ("block1", 128, (17, 21)), ("block2", 256, (9, 11)),
-                 ("entry_flow", 728, (5, 6)), ("middle_flow", 728, (5, 6)),
-                 ("exit_flow", 2048, (3, 3))],
-    "mobilenet_v1": [("stride2", 64, (32, 48)), ("stride4", 128, (16, 24)),
-                     ("stride8", 256, (8, 12)), ("stride16", 512, (4, 6)),
-                     ("stride32", 1024, (2, 3))],
+    "inception_v3": [("Conv2d_2b_3x3", 64, (35, 51)), ("Conv2d_4a_3x3", 192, (15, 23)),
+                     ("Mixed_5d", 288, (7, 11)), ("Mixed_6e", 768, (3, 5)),
+                     ("Mixed_7c", 2048, (1, 2))],
+    # unpadded stem: 71x87 -> 35x43 -> 33x41, then pad-1 stride-2 max pools; blockN.rep.0 is
+    # the ReLU of block N-1's output
+    "xception": [("act2", 64, (33, 41)), ("block2.rep.0", 128, (17, 21)),
+                 ("block3.rep.0", 256, (9, 11)), ("block12.rep.0", 728, (5, 6)),
+                 ("act4", 2048, (3, 3))],
+    "mobilenet_v1": [("blocks.0", 64, (32, 48)), ("blocks.1", 128, (16, 24)),
+                     ("blocks.2", 256, (8, 12)), ("blocks.3", 512, (4, 6)),
+                     ("blocks.4", 1024, (2, 3))],
 }
 
 
@@ -336,7 +339,7 @@ def test_resnext_depth_variants_share_feature_channels():
         feats = _model("resnext101_64x4d").eval().feature_maps(x)
     assert [(k, v.shape[1:]) for k, v in feats.items()] == \
         [(n, (c, 32 // s, 32 // s)) for n, c, s in
-         [("stem", 64, 2), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16),
+         [("act1", 64, 2), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16),
           ("layer4", 2048, 32)]]
 
 

@@ -347,7 +347,9 @@ def test_train_and_evaluate_resnext50_on_mocked_imagenet(tmp_path):
 
 
 def test_short_digits_run_learns_and_keeps_the_bookkeeping(tmp_path, capsys):
-    cfg = Config(**DIGITS, num_train_steps=24, base_lr=0.8, checkpoint_every_steps=8,
+    # base lr 0.1: at 0.8 the loss first climbs to ~20 and whether it is back below the start
+    # after 24 steps depends on the initial draw
+    cfg = Config(**DIGITS, num_train_steps=24, base_lr=0.1, checkpoint_every_steps=8,
                  keep_checkpoints=2)
     summary = train_and_evaluate(cfg, str(tmp_path))
     train = _metrics(str(tmp_path))
@@ -456,7 +458,8 @@ def test_two_devices_match_one(tmp_path):
 
     After one step the whole state (params, BatchNorm statistics, momentum) agrees to fp32
     rounding relative to each array's scale, and so do the losses of the first two steps (the
-    third to 1e-4). Later states
+    third to 1e-3: oneDNN's weight gradients sum a half batch per device in another order, and
+    two steps amplify it). Later states
     are not compared elementwise: upscaled digits give max-pool windows with (near-)ties, and a
     last-bit difference flips which element receives the gradient.
     """
@@ -475,7 +478,7 @@ def test_two_devices_match_one(tmp_path):
                                    err_msg=jax.tree_util.keystr(path))
     la, lb = [r["loss"] for r in _metrics(one)], [r["loss"] for r in _metrics(two)]
     np.testing.assert_allclose(la[:2], lb[:2], rtol=1e-5)   # computed from the compared states
-    np.testing.assert_allclose(la, lb, rtol=1e-4)
+    np.testing.assert_allclose(la, lb, rtol=1e-3)
     ea, eb = _metrics(one, "eval")[-1], _metrics(two, "eval")[-1]
     assert abs(ea["loss"] - eb["loss"]) < 1e-2 * ea["loss"] and abs(ea["top1"] - eb["top1"]) < 0.02
 
@@ -521,13 +524,12 @@ def test_init_from_torch_and_jaxconv_checkpoints_with_a_new_head(tmp_path):
     sd = to_torch(src)
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp_path / "torch.safetensors"))
     save_weights(src, tmp_path / "jax.safetensors")
-    for name, head_names in (("torch.safetensors", ["fc.bias", "fc.weight"]),
-                             ("jax.safetensors", ["fc.bias", "fc.kernel"])):
+    for name in ("torch.safetensors", "jax.safetensors"):   # both layouts: one loader
         cfg = Config(model="resnext_tiny", init_from=str(tmp_path / name)).resolved()
         for classes in (1000, 10):   # same head: everything loads; 10 classes: a fresh fc
             model = create_model(cfg, classes)
-            new_head = load_init_weights(model, cfg, classes)
-            assert new_head == ([] if classes == 1000 else head_names), (name, new_head)
+            new_head = load_init_weights(model, cfg)
+            assert new_head == ([] if classes == 1000 else ["fc.bias", "fc.weight"]), (name, new_head)
             fresh, got = to_torch(create_model(cfg, classes)), to_torch(model)
             for k, v in got.items():
                 want = fresh[k] if classes != 1000 and k.startswith("fc.") else sd[k]
@@ -539,7 +541,7 @@ def test_init_from_torch_and_jaxconv_checkpoints_with_a_new_head(tmp_path):
     cfg = Config(model="resnext_tiny", init_from=str(tmp_path / "bad.safetensors")).resolved()
     with pytest.raises(ConversionError, match="(?s)missing in checkpoint: layer1.0.conv1.weight"
                                               ".*unexpected in checkpoint: extra.weight"):
-        load_init_weights(create_model(cfg, 10), cfg, 10)
+        load_init_weights(create_model(cfg, 10), cfg)
 
 
 # --------------------------------------------------------------------------- learning

@@ -17,7 +17,7 @@ def test_model_with_checkpoint_passes(tmp_path, capsys):
     assert main(["--model", "mobilenet_v1", "--checkpoint", str(tmp_path / "m.pth"),
                  "--size", "64", "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "stride32" in out and "top-1 agreement 2/2" in out and "PASS" in out
+    assert "blocks.4" in out and "top-1 agreement 2/2" in out and "PASS" in out
 
 
 def test_wrong_checkpoint_and_unknown_model_fail(tmp_path, capsys):

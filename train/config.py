@@ -10,9 +10,6 @@ import dataclasses
 from dataclasses import field
 from typing import Optional
 
-# Auxiliary-classifier loss weights: GoogLeNet's paper (Szegedy et al. 2015, sec. 5) adds each
-# aux loss with weight 0.3; torchvision's fine-tuning guide uses loss + 0.4 * aux for Inception-v3.
-AUX_WEIGHTS = {"googlenet": 0.3, "inception_v3": 0.4}
 BASE_LR = {"sgd": 0.1, "adamw": 1e-3}
 WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 
@@ -33,9 +30,9 @@ class Config:
                     "optimizer state and BatchNorm statistics stay float32)",
                     choices=("float32", "bfloat16"))
     drop_rate: Optional[float] = _f(None, "dropout before the classifier; default: the model's")
-    aux_weight: Optional[float] = _f(None, "weight of each auxiliary-classifier loss; default "
-                                     "0.3 for googlenet (its paper), 0.4 for inception_v3 "
-                                     "(torchvision's fine-tuning guide); 0 builds no aux heads")
+    aux_weight: Optional[float] = _f(None, "weight of each auxiliary-classifier loss; default: "
+                                     "the model's (googlenet 0.3, its paper; inception_v3 0.4, "
+                                     "torchvision's fine-tuning guide); 0 builds no aux heads")
     init_from: Optional[str] = _f(None, "start from weights: a torch checkpoint (.pth/.pt/.bin/"
                                   ".safetensors, torchvision/timm keys) or a jaxconv .safetensors; "
                                   "a head of another class count is left freshly initialised")
@@ -81,14 +78,13 @@ class Config:
 
     def resolved(self) -> "Config":
         """A copy with every derived default filled in (from the model name and optimizer)."""
-        from jaxconv.models import input_size
-        from jaxconv.models.registry import resolve
-        name = resolve(self.model)
-        c = dataclasses.replace(self, model=name)
+        from jaxconv.models.registry import spec
+        s = spec(self.model)
+        c = dataclasses.replace(self, model=s.name)
         if c.image_size is None:
-            c.image_size = input_size(name)
+            c.image_size = s.input_size
         if c.aux_weight is None:
-            c.aux_weight = AUX_WEIGHTS.get(name, 0.0)
+            c.aux_weight = max((a.loss_weight for a in s.aux_heads), default=0.0)
         if c.base_lr is None:
             c.base_lr = BASE_LR[c.optimizer]
         if c.weight_decay is None:
@@ -96,7 +92,7 @@ class Config:
         if c.eval_batch_size is None:
             c.eval_batch_size = c.batch_size
         if c.workdir is None:
-            c.workdir = f"runs/{name}-{c.dataset.replace(':', '_').replace('/', '_')}"
+            c.workdir = f"runs/{s.name}-{c.dataset.replace(':', '_').replace('/', '_')}"
         return c
 
     @property

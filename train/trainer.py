@@ -44,8 +44,9 @@ class ConfigError(ValueError):
 
 def create_model(config: Config, num_classes: int):
     from jaxconv.models import create_model as _create
+    from jaxconv.models.registry import spec
     kwargs = {}
-    if config.model in ("googlenet", "inception_v3"):
+    if spec(config.model).aux_heads:
         kwargs["aux_logits"] = config.aux_weight > 0
     if config.drop_rate is not None:
         kwargs["drop_rate"] = config.drop_rate
@@ -54,78 +55,16 @@ def create_model(config: Config, num_classes: int):
                    rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1), **kwargs)
 
 
-def head_keys(config: Config, num_classes: int) -> set[str]:
-    """torch keys whose shape depends on num_classes (the classifier head(s), aux heads too):
-    found generically by comparing the abstract model with one built for num_classes + 1."""
-    from jaxconv.convert.state import torch_items
-    shapes = [{k: v.shape for k, (_, v) in
-               torch_items(nnx.eval_shape(lambda n=n: create_model(config, n))).items()}
-              for n in (num_classes, num_classes + 1)]
-    return {k for k in shapes[0] if shapes[0][k] != shapes[1].get(k)}
-
-
-def load_init_weights(model, config: Config, num_classes: int) -> list[str]:
-    """Load --init-from into `model` in place; returns the head keys left freshly initialised.
-
-    Torch checkpoints (torchvision/timm keys) and jaxconv .safetensors (NNX paths, written by
-    convert.save_weights) are both accepted. Every key must fit, except the classifier-head keys
-    (those whose shape depends on num_classes) when the checkpoint was trained for another class
-    count: those keep their fresh initialisation (fine-tuning with a new head).
-    """
-    from jaxconv.convert import ConversionError, from_torch, load_checkpoint
-    from jaxconv.convert.state import torch_items
-    path = config.init_from
-    items = torch_items(model)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            raw = load_file(path)
-        except Exception as e:
-            raise ConversionError(f"init_from: cannot read {path!r} ({type(e).__name__}: {e})") from e
-        # jaxconv files (convert.save_weights) use NNX names: `kernel` / `scale`, never `weight`
-        if any(k.rsplit(".", 1)[-1] in ("kernel", "scale") for k in raw):
-            return _load_jaxconv(model, raw, items, config, num_classes, path)
-    state_dict = load_checkpoint(path)
-    heads = head_keys(config, num_classes)
-    new_head = sorted(k for k in heads if k in state_dict and k in items
-                      and tuple(state_dict[k].shape) != _torch_shape(items[k]))
-    state_dict = {k: v for k, v in state_dict.items() if k not in new_head}
-    missing = sorted(set(items) - set(state_dict) - set(new_head))
-    unexpected = sorted(set(state_dict) - set(items) - {k for k in state_dict
-                                                         if k.endswith("num_batches_tracked")})
-    if missing or unexpected:
-        raise ConversionError(f"init_from: {path} does not fit {config.model}:\n  "
-                              + "\n  ".join([f"missing in checkpoint: {k}" for k in missing]
-                                            + [f"unexpected in checkpoint: {k}" for k in unexpected]))
-    from_torch(model, state_dict, strict=False)
-    return new_head
-
-
-def _torch_shape(item) -> tuple:
-    from jaxconv.convert.state import _torch_shape as shape
-    path, var = item
-    return shape(path[-1], var.shape)
-
-
-def _load_jaxconv(model, raw, items, config, num_classes, path) -> list[str]:
-    """A jaxconv .safetensors (NNX paths) with the same head rule as torch checkpoints."""
+def load_init_weights(model, config: Config) -> list[str]:
+    """Load --init-from (torch or jaxconv layout) into `model` in place, strictly except for the
+    classifier head(s) when the checkpoint was trained for another class count: those keep
+    their fresh initialisation (fine-tuning with a new head); returns their keys."""
     from jaxconv.convert import ConversionError
-    nnx_paths = {".".join(map(str, p)): k for k, (p, _) in items.items()}
-    torch_heads = head_keys(config, num_classes)
-    heads = {p for p, k in nnx_paths.items() if k in torch_heads}
-    leaves = {p: items[k][1] for p, k in nnx_paths.items()}
-    new_head = sorted(p for p in heads if p in raw and raw[p].shape != leaves[p].shape)
-    given = {p: v for p, v in raw.items() if p not in new_head}
-    problems = [f"missing in file: {p}" for p in sorted(set(leaves) - set(given) - set(new_head))]
-    problems += [f"unexpected in file: {p}" for p in sorted(set(given) - set(leaves))]
-    problems += [f"shape mismatch: {p}: file {given[p].shape} vs model {leaves[p].shape}"
-                 for p in sorted(set(given) & set(leaves)) if given[p].shape != leaves[p].shape]
-    if problems:
-        raise ConversionError(f"init_from: {path} does not fit {config.model}:\n  "
-                              + "\n  ".join(problems))
-    for p, v in given.items():
-        leaves[p][...] = v.astype(leaves[p].dtype)
-    return new_head
+    from jaxconv.convert.io import load_weights_state
+    try:
+        return load_weights_state(model, config.init_from, new_head=True)
+    except ConversionError as e:
+        raise ConversionError(f"init_from: {config.init_from} does not fit {config.model}: {e}") from e
 
 
 # ------------------------------------------------------------------ optimizer and schedule
@@ -352,7 +291,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     build = lambda: create_model(config, num_classes)  # noqa: E731
     model = nnx.eval_shape(build) if resume is not None else build()
     if config.init_from and resume is None:
-        new_head = load_init_weights(model, config, num_classes)
+        new_head = load_init_weights(model, config)
         if lead:
             print(f"init: loaded {config.init_from}"
                   + (f"; new head ({num_classes} classes): {', '.join(new_head)}" if new_head else ""))

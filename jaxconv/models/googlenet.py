@@ -28,7 +28,6 @@ converter to reorder fc1's input rows from torch's CHW flatten order.
 """
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -37,12 +36,14 @@ import numpy as np
 from flax import nnx
 
 from jaxconv import ops
-from jaxconv.models._common import check_input
+from jaxconv.models._common import Classifier
 from jaxconv.models.registry import register_model
-from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d, Sequential, init as initializers
+from jaxconv.models.spec import TORCHVISION_LICENSE, TORCHVISION_URL, AuxHead, FeatureInfo, PretrainedCfg
+from jaxconv.nn import Dropout, Linear, MaxPool2d, Sequential, init as initializers
 from jaxconv.nn.blocks import BasicConv2d
 
-__all__ = ["Inception", "InceptionAux", "GoogLeNet", "googlenet", "transform_input"]
+__all__ = ["Inception", "InceptionAux", "TorchvisionInception", "GoogLeNet", "googlenet",
+           "transform_input"]
 
 # channel re-normalisation of transform_input: from torchvision's ImageNet mean/std to [-1, 1]
 _MEAN = (0.485, 0.456, 0.406)
@@ -93,7 +94,7 @@ class InceptionAux(nnx.Module):
 
     def __call__(self, x):
         x = self.conv(ops.adaptive_avg_pool2d(x, 4))
-        x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))
+        x = jax.nn.relu(self.fc1(x.reshape(x.shape[0], self.fc1.in_features)))
         return self.fc2(self.dropout(x))
 
 
@@ -113,44 +114,60 @@ _INCEPTION_CFG = {
 }
 
 
-class GoogLeNet(nnx.Module):
+class TorchvisionInception(Classifier):
+    """What GoogLeNet and Inception-v3 share: torchvision's ``transform_input`` (applied
+    first, in every forward) and the aux heads (``aux_logits``), whose logits ``model(x)``
+    returns by name in train mode."""
+
+    def _prepare(self, x):
+        x = super()._prepare(x)
+        return transform_input(x) if self.transform_input else x
+
+    def _aux_classifier(self, aux, in_features, num_classes, rngs):
+        return Linear(in_features, num_classes, dtype=self.dtype, kernel_init=self._aux_init,
+                      rngs=rngs)
+
+
+class GoogLeNet(TorchvisionInception):
     """GoogLeNet as torchvision's ``GoogLeNet`` (aux_logits=True, transform_input=False defaults).
 
-    Output contract: in eval mode ``model(x)`` returns logits (N, num_classes). In train mode with
+    In eval mode ``model(x)`` returns logits (N, num_classes). In train mode with
     ``aux_logits=True`` it returns ``{"logits": ..., "aux1": ..., "aux2": ...}`` (aux1 taps
-    inception4a, aux2 taps inception4d); with ``aux_logits=False`` it returns logits.
-    ``aux_logits=False`` builds no aux heads (no ``aux1.*`` / ``aux2.*`` keys).
-    Train / eval mode is ``model.train()`` / ``model.eval()`` (BatchNorm's use_running_average).
+    inception4a, aux2 taps inception4d); with ``aux_logits=False`` it returns logits and builds
+    no aux heads (no ``aux1.*`` / ``aux2.*`` keys). Feature levels: ``conv1`` (64, 2),
+    ``conv3`` (192, 4), ``inception3b`` (480, 8), ``inception4e`` (832, 16), ``inception5b``
+    (1024, 32); sizes are ceil(size / stride) (ceil-mode pools).
 
-    ``feature_maps(x)`` returns, in order (channels, stride), NHWC: ``stem`` (192, 8; after
-    maxpool2), ``inception3b`` (480, 8), ``inception4e`` (832, 16), ``inception5b`` (1024, 32).
-    Spatial sizes are ceil(size / stride) (ceil-mode pools). ``transform_input`` is applied first,
-    in ``__call__`` and ``feature_maps`` alike.
-
-    Input: NHWC float (N, H, W, 3). 224x224 native; the minimum input is 15x15 (smaller inputs
-    raise ValueError). ``dtype`` is the compute dtype; parameters and BN statistics are float32.
-    Init as torchvision: conv and linear weights truncated normal (std 0.01, cut at +-2
+    Input: NHWC float (N, H, W, in_chans). 224x224 native; the minimum input is 15x15 (smaller
+    inputs raise ValueError). ``dtype`` is the compute dtype; parameters and BN statistics are
+    float32. Init as torchvision: conv and linear weights truncated normal (std 0.01, cut at +-2
     absolute, i.e. effectively untruncated), linear biases torch default, BN weight 1 / bias 0.
     """
 
     min_input_size = 15
+    feature_levels = (FeatureInfo("conv1", 64, 2), FeatureInfo("conv3", 192, 4),
+                      FeatureInfo("inception3b", 480, 8), FeatureInfo("inception4e", 832, 16),
+                      FeatureInfo("inception5b", 1024, 32))
+    classifier_name = "fc"
+    first_conv = "conv1.conv"
+    # each aux loss with weight 0.3 (the paper, sec. 5)
+    aux_heads = (AuxHead("aux1", "aux1", 0.3, "aux1.fc2"), AuxHead("aux2", "aux2", 0.3, "aux2.fc2"))
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
-                 transform_input: bool = False, drop_rate: float = 0.2, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.aux_logits = aux_logits
+                 transform_input: bool = False, drop_rate: float = 0.2, global_pool: str = "avg",
+                 in_chans: int = 3, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        aux_logits = aux_logits and num_classes > 0
+        self.in_chans, self.dtype = in_chans, dtype
         self.transform_input = transform_input
-        self.feature_info = {"stem": (192, 8), "inception3b": (480, 8),
-                             "inception4e": (832, 16), "inception5b": (1024, 32)}
         # torch flattens the aux heads' (128, 4, 4) NCHW map; we flatten NHWC (see convert/)
         self.torch_flatten_inputs = ({"aux1.fc1": (128, 4, 4), "aux2.fc1": (128, 4, 4)}
                                      if aux_logits else {})
-        w_init = initializers.trunc_normal(0.01, -2.0, 2.0)
-        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=w_init)
-        linear = functools.partial(Linear, dtype=dtype, kernel_init=w_init)
+        self._aux_init = initializers.trunc_normal(0.01, -2.0, 2.0)
+        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=self._aux_init)
+        linear = functools.partial(Linear, dtype=dtype, kernel_init=self._aux_init)
         inception = functools.partial(Inception, conv=conv, rngs=rngs)
 
-        self.conv1 = conv(3, 64, 7, stride=2, padding=3, rngs=rngs)
+        self.conv1 = conv(in_chans, 64, 7, stride=2, padding=3, rngs=rngs)
         self.maxpool1 = MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = conv(64, 64, 1, rngs=rngs)
         self.conv3 = conv(64, 192, 3, padding=1, rngs=rngs)
@@ -166,59 +183,47 @@ class GoogLeNet(nnx.Module):
         self.maxpool4 = MaxPool2d(2, stride=2, ceil_mode=True)
         self.inception5a = inception(*_INCEPTION_CFG["inception5a"])
         self.inception5b = inception(*_INCEPTION_CFG["inception5b"])
-
         if aux_logits:
             self.aux1 = InceptionAux(512, num_classes, conv=conv, linear=linear, rngs=rngs)
             self.aux2 = InceptionAux(528, num_classes, conv=conv, linear=linear, rngs=rngs)
         else:
-            self.aux1 = self.aux2 = None
-        self.avgpool = AdaptiveAvgPool2d(1)
-        self.dropout = Dropout(drop_rate, rngs=rngs)
-        self.fc = linear(1024, num_classes, rngs=rngs)
+            self.aux1 = self.aux2 = nnx.data(None)
+        self._head(1024, num_classes, drop_rate, global_pool, rngs=rngs)
+
+    def _classifier(self, num_classes, rngs):
+        return Linear(self.num_features, num_classes, dtype=self.dtype,
+                      kernel_init=self._aux_init, rngs=rngs)
 
     @property
-    def training(self) -> bool:
-        """True after ``model.train()`` (BatchNorm uses batch statistics), as torch's flag."""
-        return not self.conv1.bn.use_running_average
+    def aux_logits(self) -> bool:
+        return self.aux1 is not None
 
-    def _features(self, x, with_aux: bool):
-        """One pass through the body: (feature maps by name, aux logits by name)."""
-        check_input(x, self.min_input_size, type(self).__name__)
-        if self.transform_input:
-            x = transform_input(x)
-        # OrderedDict: jax keeps its key order through jit (a plain dict comes back sorted)
-        feats, aux = collections.OrderedDict(), {}
-        x = self.maxpool1(self.conv1(x))
-        x = feats["stem"] = self.maxpool2(self.conv3(self.conv2(x)))
-        x = self.inception3a(x)
-        x = feats["inception3b"] = self.inception3b(x)
-        x = self.inception4a(self.maxpool3(x))
-        if with_aux:
-            aux["aux1"] = self.aux1(x)
-        x = self.inception4d(self.inception4c(self.inception4b(x)))
-        if with_aux:
-            aux["aux2"] = self.aux2(x)
-        x = feats["inception4e"] = self.inception4e(x)
-        x = self.inception5a(self.maxpool4(x))
-        feats["inception5b"] = self.inception5b(x)
-        return feats, aux
+    def stages(self):
+        def run(*names):
+            def fn(m, x, with_aux):
+                aux = {}
+                for name in names:
+                    x = getattr(m, name)(x)
+                    if with_aux and name in ("inception4a", "inception4d"):
+                        head = "aux1" if name == "inception4a" else "aux2"
+                        aux[head] = getattr(m, head)(x)
+                return x, x, aux
+            return fn
 
-    def feature_maps(self, x) -> dict:
-        """The per-stage NHWC feature maps named in the class docstring, in order."""
-        return self._features(x, with_aux=False)[0]
-
-    def __call__(self, x):
-        with_aux = self.training and self.aux_logits
-        feats, aux = self._features(x, with_aux)
-        x = self.avgpool(feats["inception5b"])
-        logits = self.fc(self.dropout(x.reshape(x.shape[0], -1)))
-        if with_aux:
-            return collections.OrderedDict(logits=logits, **aux)
-        return logits
+        return list(zip(self.feature_levels, [
+            run("conv1"), run("maxpool1", "conv2", "conv3"),
+            run("maxpool2", "inception3a", "inception3b"),
+            run("maxpool3", "inception4a", "inception4b", "inception4c", "inception4d",
+                "inception4e"),
+            run("maxpool4", "inception5a", "inception5b")]))
 
 
 # ------------------------------------------------------------------------------ entry points
 
-@register_model
+@register_model(mirrors="torchvision googlenet", pretrained=(PretrainedCfg(
+    "googlenet.tv_in1k", TORCHVISION_URL + "googlenet-1378be20.pth", top1=69.778, top5=89.530,
+    license=TORCHVISION_LICENSE, model_kwargs=(("transform_input", True),),
+    source="torchvision 0.28 GoogLeNet_Weights.IMAGENET1K_V1 (ported from the paper's weights; "
+           "its aux heads are in the file, untrained)"),))
 def googlenet(**kwargs) -> GoogLeNet:
     return GoogLeNet(**kwargs)

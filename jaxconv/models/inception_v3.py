@@ -23,17 +23,16 @@ The aux head pools to 1x1 before its fc, so its flatten needs no NCHW/NHWC reord
 """
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv import ops
-from jaxconv.models._common import check_input
-from jaxconv.models.googlenet import transform_input
+from jaxconv.models.googlenet import TorchvisionInception
 from jaxconv.models.registry import register_model
-from jaxconv.nn import AdaptiveAvgPool2d, Dropout, Linear, MaxPool2d, init as initializers
+from jaxconv.models.spec import TORCHVISION_LICENSE, TORCHVISION_URL, AuxHead, FeatureInfo, PretrainedCfg
+from jaxconv.nn import Linear, MaxPool2d, init as initializers
 from jaxconv.nn.blocks import BasicConv2d
 
 __all__ = ["InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",
@@ -175,51 +174,54 @@ class InceptionAux(nnx.Module):
     def __call__(self, x):
         x = ops.avg_pool2d(x, 5, stride=3)
         x = self.conv1(self.conv0(x))
-        x = ops.adaptive_avg_pool2d(x, 1)  # (N, 1, 1, 768): NHWC and NCHW flatten agree
-        return self.fc(x.reshape(x.shape[0], -1))
+        x = jnp.mean(x, axis=(1, 2))  # global average: NHWC and NCHW flatten agree
+        return self.fc(x)
 
 
 # ------------------------------------------------------------------------------------ model
 
-class InceptionV3(nnx.Module):
+class InceptionV3(TorchvisionInception):
     """Inception-v3 as torchvision's ``Inception3`` (aux_logits=True, transform_input=False
     defaults).
 
-    Output contract: in eval mode ``model(x)`` returns logits (N, num_classes). In train mode with
+    In eval mode ``model(x)`` returns logits (N, num_classes). In train mode with
     ``aux_logits=True`` it returns ``{"logits": ..., "aux": ...}`` (the aux head taps Mixed_6e);
-    with ``aux_logits=False`` it returns logits. ``aux_logits=False`` builds no ``AuxLogits``.
-    Train / eval mode is ``model.train()`` / ``model.eval()`` (BatchNorm's use_running_average).
+    with ``aux_logits=False`` it returns logits and builds no ``AuxLogits``. Feature levels
+    (timm's): ``Conv2d_2b_3x3`` (64, 2), ``Conv2d_4a_3x3`` (192, 4), ``Mixed_5d`` (288, 8),
+    ``Mixed_6e`` (768, 16), ``Mixed_7c`` (2048, 32); the convs and pools are unpadded, so sizes
+    are a little below size / stride (299 -> 147, 71, 35, 17, 8).
 
-    ``feature_maps(x)`` returns, in order (channels, nominal stride), NHWC: ``Conv2d_4a_3x3``
-    (192, 4), ``Mixed_5d`` (288, 8), ``Mixed_6e`` (768, 16), ``Mixed_7c`` (2048, 32); the convs
-    and pools are unpadded, so sizes are a little below size / stride (299 -> 71, 35, 17, 8).
-    ``transform_input`` is applied first, in ``__call__`` and ``feature_maps`` alike.
-
-    Input: NHWC float (N, H, W, 3). 299x299 native. The minimum input is 75x75 (smaller raises
-    ValueError); in train mode the aux head additionally needs Mixed_6e >= 17x17, i.e. an input
-    of at least 299x299 (smaller raises ValueError). ``dtype`` is the compute dtype; parameters
-    and BN statistics are float32.
-    Init as torchvision: conv and linear weights truncated normal std 0.1 (cut at +-2 absolute),
-    except AuxLogits.fc std 0.001; linear biases torch default; BN weight 1 / bias 0. (torchvision
-    also tags AuxLogits.conv1 with std 0.01, but on the wrapper module, so its conv gets 0.1;
-    we reproduce that effective init.)
+    Input: NHWC float (N, H, W, in_chans). 299x299 native. The minimum input is 75x75 (smaller
+    raises ValueError); in train mode the aux head additionally needs Mixed_6e >= 17x17, i.e.
+    an input of at least 299x299 (smaller raises ValueError). ``dtype`` is the compute dtype;
+    parameters and BN statistics are float32. Init as torchvision: conv and linear weights
+    truncated normal std 0.1 (cut at +-2 absolute), except AuxLogits.fc std 0.001; linear
+    biases torch default; BN weight 1 / bias 0. (torchvision also tags AuxLogits.conv1 with std
+    0.01, but on the wrapper module, so its conv gets 0.1; we reproduce that effective init.)
     """
 
     min_input_size = 75
+    feature_levels = (FeatureInfo("Conv2d_2b_3x3", 64, 2), FeatureInfo("Conv2d_4a_3x3", 192, 4),
+                      FeatureInfo("Mixed_5d", 288, 8), FeatureInfo("Mixed_6e", 768, 16),
+                      FeatureInfo("Mixed_7c", 2048, 32))
+    classifier_name = "fc"
+    first_conv = "Conv2d_1a_3x3.conv"
+    # loss + 0.4 * aux (torchvision's fine-tuning guide)
+    aux_heads = (AuxHead("AuxLogits", "aux", 0.4, "AuxLogits.fc"),)
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
-                 transform_input: bool = False, drop_rate: float = 0.5, *, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.aux_logits = aux_logits
+                 transform_input: bool = False, drop_rate: float = 0.5, global_pool: str = "avg",
+                 in_chans: int = 3, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        aux_logits = aux_logits and num_classes > 0
+        self.in_chans, self.dtype = in_chans, dtype
         self.transform_input = transform_input
-        self.feature_info = {"Conv2d_4a_3x3": (192, 4), "Mixed_5d": (288, 8),
-                             "Mixed_6e": (768, 16), "Mixed_7c": (2048, 32)}
-        w_init = initializers.trunc_normal(0.1, -2.0, 2.0)
-        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=w_init)
+        self._w_init = initializers.trunc_normal(0.1, -2.0, 2.0)
+        self._aux_init = initializers.trunc_normal(0.001, -2.0, 2.0)
+        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=self._w_init)
         linear = functools.partial(Linear, dtype=dtype)
         blk = dict(conv=conv, rngs=rngs)
 
-        self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2, rngs=rngs)
+        self.Conv2d_1a_3x3 = conv(in_chans, 32, 3, stride=2, rngs=rngs)
         self.Conv2d_2a_3x3 = conv(32, 32, 3, rngs=rngs)
         self.Conv2d_2b_3x3 = conv(32, 64, 3, padding=1, rngs=rngs)
         self.maxpool1 = MaxPool2d(3, stride=2)
@@ -234,61 +236,53 @@ class InceptionV3(nnx.Module):
         self.Mixed_6c = InceptionC(768, channels_7x7=160, **blk)
         self.Mixed_6d = InceptionC(768, channels_7x7=160, **blk)
         self.Mixed_6e = InceptionC(768, channels_7x7=192, **blk)
-        self.AuxLogits = (InceptionAux(768, num_classes, conv=conv, linear=linear,
-                                       fc_init=initializers.trunc_normal(0.001, -2.0, 2.0),
-                                       rngs=rngs)
-                          if aux_logits else None)
+        self.AuxLogits = nnx.data(InceptionAux(768, num_classes, conv=conv, linear=linear,
+                                               fc_init=self._aux_init, rngs=rngs)
+                                  if aux_logits else None)
         self.Mixed_7a = InceptionD(768, **blk)
         self.Mixed_7b = InceptionE(1280, **blk)
         self.Mixed_7c = InceptionE(2048, **blk)
-        self.avgpool = AdaptiveAvgPool2d(1)
-        self.dropout = Dropout(drop_rate, rngs=rngs)
-        self.fc = linear(2048, num_classes, kernel_init=w_init, rngs=rngs)
+        self._head(2048, num_classes, drop_rate, global_pool, rngs=rngs)
+
+    def _classifier(self, num_classes, rngs):
+        return Linear(self.num_features, num_classes, dtype=self.dtype, kernel_init=self._w_init,
+                      rngs=rngs)
 
     @property
-    def training(self) -> bool:
-        """True after ``model.train()`` (BatchNorm uses batch statistics), as torch's flag."""
-        return not self.Conv2d_1a_3x3.bn.use_running_average
+    def aux_logits(self) -> bool:
+        return self.AuxLogits is not None
 
-    def _features(self, x, with_aux: bool):
-        """One pass through the body: (feature maps by name, aux logits by name)."""
-        check_input(x, self.min_input_size, type(self).__name__)
-        if self.transform_input:
-            x = transform_input(x)
-        # OrderedDict: jax keeps its key order through jit (a plain dict comes back sorted)
-        feats, aux = collections.OrderedDict(), {}
-        if with_aux and min(x.shape[1:3]) < 299:  # Mixed_6e < 17x17 exactly when input < 299
-            raise ValueError(f"{type(self).__name__}: x: the aux head (train mode, "
-                             f"aux_logits=True) needs an input of at least 299x299, "
-                             f"got {x.shape[1]}x{x.shape[2]}")
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_3b_1x1(self.maxpool1(x))
-        x = feats["Conv2d_4a_3x3"] = self.Conv2d_4a_3x3(x)
-        x = self.maxpool2(x)
-        x = feats["Mixed_5d"] = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6a(x)
-        x = feats["Mixed_6e"] = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        if with_aux:
-            aux["aux"] = self.AuxLogits(x)
-        feats["Mixed_7c"] = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
-        return feats, aux
+    def stages(self):
+        def run(*names):
+            def fn(m, x, with_aux):
+                for name in names:
+                    x = getattr(m, name)(x)
+                aux = {}
+                if with_aux and names[-1] == "Mixed_6e":
+                    if min(x.shape[1:3]) < 17:   # Mixed_6e < 17x17 exactly when input < 299
+                        raise ValueError(f"{type(m).__name__}: x: the aux head (train mode, "
+                                         f"aux_logits=True) needs an input of at least 299x299; "
+                                         f"build the model with aux_logits=False for smaller "
+                                         f"inputs")
+                    aux["aux"] = m.AuxLogits(x)
+                return x, x, aux
+            return fn
 
-    def feature_maps(self, x) -> dict:
-        """The per-stage NHWC feature maps named in the class docstring, in order."""
-        return self._features(x, with_aux=False)[0]
-
-    def __call__(self, x):
-        with_aux = self.training and self.aux_logits
-        feats, aux = self._features(x, with_aux)
-        x = self.avgpool(feats["Mixed_7c"])
-        logits = self.fc(self.dropout(x.reshape(x.shape[0], -1)))
-        if with_aux:
-            return collections.OrderedDict(logits=logits, **aux)
-        return logits
+        return list(zip(self.feature_levels, [
+            run("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"),
+            run("maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3"),
+            run("maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d"),
+            run("Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"),
+            run("Mixed_7a", "Mixed_7b", "Mixed_7c")]))
 
 
 # ------------------------------------------------------------------------------ entry points
 
-@register_model
+@register_model(mirrors="torchvision inception_v3", input_size=299, pretrained=(PretrainedCfg(
+    "inception_v3.tv_in1k", TORCHVISION_URL + "inception_v3_google-0cc3c7bd.pth",
+    input_size=299, resize_size=342, top1=77.294, top5=93.450, license=TORCHVISION_LICENSE,
+    model_kwargs=(("transform_input", True),),
+    source="torchvision 0.28 Inception_V3_Weights.IMAGENET1K_V1 (ported from TensorFlow; the "
+           "file holds the AuxLogits head)"),))
 def inception_v3(**kwargs) -> InceptionV3:
     return InceptionV3(**kwargs)

@@ -18,7 +18,6 @@ symmetrically (k // 2); BatchNorm uses torch defaults (eps 1e-5). The activation
 """
 from __future__ import annotations
 
-import collections
 import functools
 import math
 
@@ -27,8 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv import nn
-from jaxconv.models._common import check_input
+from jaxconv.models._common import Classifier
 from jaxconv.models.registry import register_model
+from jaxconv.models.spec import INCEPTION_MEAN, INCEPTION_STD, FeatureInfo, PretrainedCfg, resize_for
 from jaxconv.nn import init
 
 __all__ = ["DepthwiseSeparable", "MobileNetV1", "mobilenet_v1"]
@@ -67,16 +67,13 @@ class DepthwiseSeparable(nnx.Module):
 _STAGES = ((1, 1, 64), (2, 2, 128), (2, 2, 256), (6, 2, 512), (2, 2, 1024))
 
 
-class MobileNetV1(nnx.Module):
+class MobileNetV1(Classifier):
     """MobileNet-v1 (width 1.0) as timm's ``mobilenetv1_100``.
 
-    Output contract: ``model(x)`` takes NHWC float input (N, H, W, 3) and returns logits
-    (N, num_classes) in train and eval mode.
-
-    ``feature_maps(x)`` returns the output of each stage, in order (channels, stride), NHWC:
-    ``stride2`` (64, 2; blocks.0), ``stride4`` (128, 4; blocks.1), ``stride8`` (256, 8;
-    blocks.2), ``stride16`` (512, 16; blocks.3), ``stride32`` (1024, 32; blocks.4).
-    Sizes are ceil(size / stride). Any input of at least 1x1 works (224x224 native).
+    ``model(x)`` takes NHWC float input (N, H, W, in_chans) and returns logits
+    (N, num_classes) in train and eval mode. Feature levels (timm's): the output of each stage,
+    ``blocks.0`` (64, 2) .. ``blocks.4`` (1024, 32); sizes are ceil(size / stride). Any input
+    of at least 1x1 works (224x224 native).
 
     `dtype` is the compute dtype of every layer (parameters `param_dtype`, BN statistics
     float32). Init as timm (TF style): conv weights normal(0, sqrt(2 / fan_out)) with
@@ -84,15 +81,18 @@ class MobileNetV1(nnx.Module):
     uniform(+-1 / sqrt(num_classes)), bias 0.
     """
 
-    min_input_size = 1
-    feature_info = {"stride2": (64, 2), "stride4": (128, 4), "stride8": (256, 8),
-                    "stride16": (512, 16), "stride32": (1024, 32)}
+    feature_levels = tuple(FeatureInfo(f"blocks.{i}", c, 2 ** (i + 1))
+                           for i, (_, _, c) in enumerate(_STAGES))
+    classifier_name = "classifier"
+    first_conv = "conv_stem"
 
-    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, global_pool: str = "avg",
+                 in_chans: int = 3, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         conv = functools.partial(_tf_conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = functools.partial(nn.BatchNorm2d, dtype=dtype, param_dtype=param_dtype)
-        self.conv_stem = conv(3, 32, 3, 2)
+        self.in_chans, self.dtype, self.param_dtype = in_chans, dtype, param_dtype
+        self.conv_stem = conv(in_chans, 32, 3, 2)
         self.bn1 = norm(32)
         in_chs, stages = 32, []
         for repeats, stride, out_chs in _STAGES:
@@ -103,28 +103,35 @@ class MobileNetV1(nnx.Module):
                 in_chs = out_chs
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate, rngs=rngs)
-        self.classifier = nn.Linear(in_chs, num_classes, dtype=dtype, param_dtype=param_dtype,
-                                    kernel_init=init.uniform(1.0 / math.sqrt(num_classes)),
-                                    bias_init=nnx.initializers.zeros, rngs=rngs)
+        self._head(in_chs, num_classes, drop_rate, global_pool, rngs=rngs)
 
-    def feature_maps(self, x) -> collections.OrderedDict:
-        check_input(x, self.min_input_size, type(self).__name__)
-        x = jax.nn.relu6(self.bn1(self.conv_stem(x)))
-        feats = collections.OrderedDict()  # jit keeps an OrderedDict's order (a dict's it sorts)
-        for name, stage in zip(self.feature_info, self.blocks):
-            x = feats[name] = stage(x)
-        return feats
+    def _classifier(self, num_classes, rngs):
+        return nn.Linear(self.num_features, num_classes, dtype=self.dtype,
+                         param_dtype=self.param_dtype,
+                         kernel_init=init.uniform(1.0 / math.sqrt(num_classes)),
+                         bias_init=nnx.initializers.zeros, rngs=rngs)
 
-    def __call__(self, x):
-        x = self.feature_maps(x)["stride32"]
-        x = self.global_pool(x).reshape(x.shape[0], -1)
-        return self.classifier(self.dropout(x))
+    def stages(self):
+        def stage(i):
+            def run(m, x, with_aux):
+                if i == 0:
+                    x = jax.nn.relu6(m.bn1(m.conv_stem(x)))
+                x = m.blocks[i](x)
+                return x, x, {}
+            return run
+        return list(zip(self.feature_levels, [stage(i) for i in range(len(_STAGES))]))
 
 
 # ------------------------------------------------------------------------------ entry points
 
-@register_model
+@register_model(mirrors="timm mobilenetv1_100", aliases=("mobilenetv1_100",), pretrained=(
+    PretrainedCfg("mobilenet_v1.ra4_e3600_r224_in1k",
+                  "https://huggingface.co/timm/mobilenetv1_100.ra4_e3600_r224_in1k/resolve/main/"
+                  "model.safetensors", resize_size=resize_for(224, 0.875), interpolation="bicubic",
+                  mean=INCEPTION_MEAN, std=INCEPTION_STD, top1=75.382, top5=92.312,
+                  license="apache-2.0", hf_hub_id="timm/mobilenetv1_100.ra4_e3600_r224_in1k",
+                  cache_name="mobilenetv1_100.ra4_e3600_r224_in1k.safetensors",
+                  source="timm 1.0 mobilenetv1_100.ra4_e3600_r224_in1k (Hugging Face Hub); "
+                         "top-1/5 from timm's release notes at 224"),))
 def mobilenet_v1(**kwargs) -> MobileNetV1:
     return MobileNetV1(**kwargs)

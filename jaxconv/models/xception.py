@@ -22,7 +22,6 @@ and BNs in it equal timm's (``block1.rep.0.conv1``, ``block1.rep.1``, ``block1.r
 """
 from __future__ import annotations
 
-import collections
 import functools
 
 import jax
@@ -30,8 +29,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv import nn
-from jaxconv.models._common import check_input
+from jaxconv.models._common import Classifier
 from jaxconv.models.registry import register_model
+from jaxconv.models.spec import INCEPTION_MEAN, INCEPTION_STD, FeatureInfo, PretrainedCfg, resize_for
 from jaxconv.nn import init
 
 __all__ = ["ReLU", "SeparableConv2d", "Block", "Xception", "xception"]
@@ -100,17 +100,15 @@ _BLOCKS = (
 )
 
 
-class Xception(nnx.Module):
+class Xception(Classifier):
     """Xception as timm's legacy ``Xception``.
 
-    Output contract: ``model(x)`` takes NHWC float input (N, H, W, 3) and returns logits
-    (N, num_classes) in train and eval mode.
-
-    ``feature_maps(x)`` returns, in order (channels, nominal stride), NHWC: ``stem`` (64, 2;
-    after conv2's ReLU), ``block1`` (128, 4), ``block2`` (256, 8), ``entry_flow`` (728, 16;
-    block3), ``middle_flow`` (728, 16; block11), ``exit_flow`` (2048, 32; after conv4's BN and
-    ReLU). The two stem convs are unpadded, so sizes sit a little below size / stride
-    (299 -> 147, 74, 37, 19, 19, 10).
+    ``model(x)`` takes NHWC float input (N, H, W, in_chans) and returns logits
+    (N, num_classes) in train and eval mode. Feature levels (timm's, hooks on those modules):
+    ``act2`` (64, 2; the stem's output), ``block2.rep.0`` (128, 4; ReLU of block1's output),
+    ``block3.rep.0`` (256, 8; ReLU of block2's), ``block12.rep.0`` (728, 16; ReLU of the
+    middle flow's), ``act4`` (2048, 32; after conv4's BN and ReLU). The two stem convs are
+    unpadded, so sizes sit a little below size / stride (299 -> 147, 74, 37, 19, 10).
 
     299x299 native; the minimum input is 7x7 (smaller raises ValueError).
     `dtype` is the compute dtype of every layer (parameters `param_dtype`, BN statistics
@@ -120,15 +118,20 @@ class Xception(nnx.Module):
     """
 
     min_input_size = 7
-    feature_info = {"stem": (64, 2), "block1": (128, 4), "block2": (256, 8),
-                    "entry_flow": (728, 16), "middle_flow": (728, 16), "exit_flow": (2048, 32)}
+    feature_levels = (FeatureInfo("act2", 64, 2), FeatureInfo("block2.rep.0", 128, 4),
+                      FeatureInfo("block3.rep.0", 256, 8), FeatureInfo("block12.rep.0", 728, 16),
+                      FeatureInfo("act4", 2048, 32))
+    classifier_name = "fc"
+    first_conv = "conv1"
 
-    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0, global_pool: str = "avg",
+                 in_chans: int = 3, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         conv = functools.partial(nn.Conv2d, bias=False, dtype=dtype, param_dtype=param_dtype,
                                  kernel_init=init.kaiming_normal_fan_out, rngs=rngs)
         norm = functools.partial(nn.BatchNorm2d, dtype=dtype, param_dtype=param_dtype)
-        self.conv1 = conv(3, 32, 3, stride=2)
+        self.in_chans, self.dtype, self.param_dtype = in_chans, dtype, param_dtype
+        self.conv1 = conv(in_chans, 32, 3, stride=2)
         self.bn1 = norm(32)
         self.conv2 = conv(32, 64, 3)
         self.bn2 = norm(64)
@@ -138,34 +141,45 @@ class Xception(nnx.Module):
         self.bn3 = norm(1536)
         self.conv4 = SeparableConv2d(1536, 2048, conv=conv)
         self.bn4 = norm(2048)
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate, rngs=rngs)
-        self.fc = nn.Linear(2048, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self._head(2048, num_classes, drop_rate, global_pool, rngs=rngs)
 
-    def feature_maps(self, x) -> collections.OrderedDict:
-        check_input(x, self.min_input_size, type(self).__name__)
-        feats = collections.OrderedDict()  # jit keeps an OrderedDict's order (a dict's it sorts)
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = feats["stem"] = jax.nn.relu(self.bn2(self.conv2(x)))
-        x = feats["block1"] = self.block1(x)
-        x = feats["block2"] = self.block2(x)
-        x = feats["entry_flow"] = self.block3(x)
-        for i in range(4, 12):
-            x = getattr(self, f"block{i}")(x)
-        feats["middle_flow"] = x
-        x = self.block12(x)
-        x = jax.nn.relu(self.bn3(self.conv3(x)))
-        feats["exit_flow"] = jax.nn.relu(self.bn4(self.conv4(x)))
-        return feats
+    def _classifier(self, num_classes, rngs):
+        return nn.Linear(self.num_features, num_classes, dtype=self.dtype,
+                         param_dtype=self.param_dtype, rngs=rngs)
 
-    def __call__(self, x):
-        x = self.feature_maps(x)["exit_flow"]
-        x = self.global_pool(x).reshape(x.shape[0], -1)
-        return self.fc(self.dropout(x))
+    def stages(self):
+        def stem(m, x, with_aux):
+            x = jax.nn.relu(m.bn1(m.conv1(x)))
+            x = jax.nn.relu(m.bn2(m.conv2(x)))
+            return x, x, {}
+
+        def blocks(first, last):   # the feature: the ReLU that starts the next block
+            def run(m, x, with_aux):
+                for i in range(first, last + 1):
+                    x = getattr(m, f"block{i}")(x)
+                return x, jax.nn.relu(x), {}
+            return run
+
+        def exit_flow(m, x, with_aux):
+            x = m.block12(x)
+            x = jax.nn.relu(m.bn3(m.conv3(x)))
+            x = jax.nn.relu(m.bn4(m.conv4(x)))
+            return x, x, {}
+
+        return list(zip(self.feature_levels,
+                        [stem, blocks(1, 1), blocks(2, 2), blocks(3, 11), exit_flow]))
 
 
 # ------------------------------------------------------------------------------ entry points
 
-@register_model
+@register_model(mirrors="timm legacy_xception", aliases=("legacy_xception",), input_size=299,
+                pretrained=(PretrainedCfg(
+                    "xception.tf_in1k", "https://github.com/rwightman/pytorch-image-models/"
+                    "releases/download/v0.1-cadene/xception-43020ad28.pth", input_size=299,
+                    resize_size=resize_for(299, 0.8975), interpolation="bicubic",
+                    mean=INCEPTION_MEAN, std=INCEPTION_STD, top1=79.058, top5=94.396,
+                    license="apache-2.0",
+                    source="timm 1.0 legacy_xception.tf_in1k (Cadene's port of the Keras "
+                           "weights); top-1/5 from timm's results-imagenet.csv"),))
 def xception(**kwargs) -> Xception:
     return Xception(**kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -23,10 +24,12 @@ class BatchNorm2d(nnx.Module):
             raise ValueError(f"momentum: expected a float in [0, 1] (torch's meaning), got {momentum!r}")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones(num_features, param_dtype)) if affine else None
-        self.bias = nnx.Param(jnp.zeros(num_features, param_dtype)) if affine else None
-        self.mean = nnx.BatchStat(jnp.zeros(num_features, jnp.float32)) if track_running_stats else None
-        self.var = nnx.BatchStat(jnp.ones(num_features, jnp.float32)) if track_running_stats else None
+        # from numpy: device transfers, not one compiled fill per channel count
+        ones, zeros = np.ones(num_features), np.zeros(num_features)
+        self.scale = nnx.Param(jnp.asarray(ones, param_dtype)) if affine else None
+        self.bias = nnx.Param(jnp.asarray(zeros, param_dtype)) if affine else None
+        self.mean = nnx.BatchStat(jnp.asarray(zeros, jnp.float32)) if track_running_stats else None
+        self.var = nnx.BatchStat(jnp.asarray(ones, jnp.float32)) if track_running_stats else None
         self.use_running_average = False
 
     def __call__(self, x):
@@ -38,6 +41,8 @@ class BatchNorm2d(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         else:
             n = x.shape[0] * x.shape[1] * x.shape[2]
+            if n == 0:   # an empty batch (as torch): empty output, statistics unchanged
+                return x.astype(self.dtype or x.dtype)
             if n < 2:
                 raise ValueError(f"x: training BatchNorm2d needs more than 1 value per channel "
                                  f"(as torch), got shape {tuple(x.shape)}")

@@ -133,7 +133,7 @@ class GoogLeNet(nn.Module):
         super().__init__()
         self.aux_logits = aux_logits
         self.transform_input = transform_input
-        self.feature_info = {"stem": (192, 8), "inception3b": (480, 8),
+        self.feature_info = {"conv1": (64, 2), "conv3": (192, 4), "inception3b": (480, 8),
                              "inception4e": (832, 16), "inception5b": (1024, 32)}
 
         self.conv1 = ConvBNReLU(3, 64, 7, stride=2, padding=3)
@@ -174,9 +174,9 @@ class GoogLeNet(nn.Module):
         if self.transform_input:
             x = transform_input(x)
         feats, aux = {}, {}
-        x = self.maxpool1(self.conv1(x))
-        x = feats["stem"] = self.maxpool2(self.conv3(self.conv2(x)))
-        x = self.inception3a(x)
+        x = feats["conv1"] = self.conv1(x)
+        x = feats["conv3"] = self.conv3(self.conv2(self.maxpool1(x)))
+        x = self.inception3a(self.maxpool2(x))
         x = feats["inception3b"] = self.inception3b(x)
         x = self.inception4a(self.maxpool3(x))
         if with_aux:

@@ -204,8 +204,8 @@ class InceptionV3(nn.Module):
         super().__init__()
         self.aux_logits = aux_logits
         self.transform_input = transform_input
-        self.feature_info = {"Conv2d_4a_3x3": (192, 4), "Mixed_5d": (288, 8),
-                             "Mixed_6e": (768, 16), "Mixed_7c": (2048, 32)}
+        self.feature_info = {"Conv2d_2b_3x3": (64, 2), "Conv2d_4a_3x3": (192, 4),
+                             "Mixed_5d": (288, 8), "Mixed_6e": (768, 16), "Mixed_7c": (2048, 32)}
 
         self.Conv2d_1a_3x3 = ConvBNReLU(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBNReLU(32, 32, 3)
@@ -247,7 +247,7 @@ class InceptionV3(nn.Module):
             x = transform_input(x)
         feats, aux = {}, {}
         in_h, in_w = x.shape[2:]
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = feats["Conv2d_2b_3x3"] = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_3b_1x1(self.maxpool1(x))
         x = feats["Conv2d_4a_3x3"] = self.Conv2d_4a_3x3(x)
         x = self.maxpool2(x)

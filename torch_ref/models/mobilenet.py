@@ -73,8 +73,8 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0):
         super().__init__()
-        self.feature_info = {"stride2": (64, 2), "stride4": (128, 4), "stride8": (256, 8),
-                             "stride16": (512, 16), "stride32": (1024, 32)}
+        self.feature_info = {"blocks.0": (64, 2), "blocks.1": (128, 4), "blocks.2": (256, 8),
+                             "blocks.3": (512, 16), "blocks.4": (1024, 32)}
         self.conv_stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         in_chs, stages = 32, []
@@ -113,7 +113,7 @@ class MobileNetV1(nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.feature_maps(x)["stride32"]
+        x = self.feature_maps(x)["blocks.4"]
         x = torch.flatten(self.global_pool(x), 1)
         return self.classifier(self.dropout(x))
 

@@ -92,7 +92,7 @@ class ResNeXt(nn.Module):
                  zero_init_residual: bool = False,
                  stage_with_dcn: tuple[bool, ...] = (False, False, False, False)):
         super().__init__()
-        self.feature_info = {"stem": (64, 2), "layer1": (256, 4), "layer2": (512, 8),
+        self.feature_info = {"act1": (64, 2), "layer1": (256, 4), "layer2": (512, 8),
                              "layer3": (1024, 16), "layer4": (2048, 32)}
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -130,7 +130,7 @@ class ResNeXt(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input(x, self.min_input_size, type(self).__name__)
         feats = {}
-        x = feats["stem"] = self.relu(self.bn1(self.conv1(x)))
+        x = feats["act1"] = self.relu(self.bn1(self.conv1(x)))
         x = self.maxpool(x)
         for name in ("layer1", "layer2", "layer3", "layer4"):
             x = feats[name] = getattr(self, name)(x)

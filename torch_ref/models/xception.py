@@ -107,9 +107,10 @@ class Xception(nn.Module):
 
     def __init__(self, num_classes: int = 1000, drop_rate: float = 0.0):
         super().__init__()
-        self.feature_info = {"stem": (64, 2), "block1": (128, 4), "block2": (256, 8),
-                             "entry_flow": (728, 16), "middle_flow": (728, 16),
-                             "exit_flow": (2048, 32)}
+        # timm's feature levels: hooks on these modules (blockN.rep.0 is the ReLU that starts
+        # block N: the ReLU of the previous block's output)
+        self.feature_info = {"act2": (64, 2), "block2.rep.0": (128, 4), "block3.rep.0": (256, 8),
+                             "block12.rep.0": (728, 16), "act4": (2048, 32)}
         self.conv1 = nn.Conv2d(3, 32, 3, stride=2, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
         self.conv2 = nn.Conv2d(32, 64, 3, bias=False)
@@ -137,20 +138,21 @@ class Xception(nn.Module):
         check_input(x, self.min_input_size, type(self).__name__)
         feats = {}
         x = F.relu(self.bn1(self.conv1(x)))
-        x = feats["stem"] = F.relu(self.bn2(self.conv2(x)))
-        x = feats["block1"] = self.block1(x)
-        x = feats["block2"] = self.block2(x)
-        x = feats["entry_flow"] = self.block3(x)
-        for i in range(4, 12):
+        x = feats["act2"] = F.relu(self.bn2(self.conv2(x)))
+        x = self.block1(x)
+        feats["block2.rep.0"] = F.relu(x)
+        x = self.block2(x)
+        feats["block3.rep.0"] = F.relu(x)
+        for i in range(3, 12):
             x = getattr(self, f"block{i}")(x)
-        feats["middle_flow"] = x
+        feats["block12.rep.0"] = F.relu(x)
         x = self.block12(x)
         x = F.relu(self.bn3(self.conv3(x)))
-        feats["exit_flow"] = F.relu(self.bn4(self.conv4(x)))
+        feats["act4"] = F.relu(self.bn4(self.conv4(x)))
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.feature_maps(x)["exit_flow"]
+        x = self.feature_maps(x)["act4"]
         x = torch.flatten(self.global_pool(x), 1)
         return self.fc(self.dropout(x))
 
