@@ -43,6 +43,10 @@ class Config:
     manual_dir: Optional[str] = _f(None, "where the ImageNet tars are; default: "
                                    "DATA_DIR/downloads/manual")
     shuffle_buffer: int = _f(16_384, "examples in the tf.data shuffle buffer")
+    skip_corrupt_images: bool = _f(False, "skip images that cannot be decoded (each named in a "
+                                   "warning, counted in the summary, listed in "
+                                   "WORKDIR/skipped_images.tsv) instead of stopping the run "
+                                   "with the file's name")
     # optimisation
     batch_size: int = _f(256, "global batch size (all devices and hosts together)")
     eval_batch_size: Optional[int] = _f(None, "global eval batch size; default: --batch-size")
@@ -85,6 +89,13 @@ class Config:
             c.image_size = s.input_size
         if c.aux_weight is None:
             c.aux_weight = max((a.loss_weight for a in s.aux_heads), default=0.0)
+        if not isinstance(c.image_size, int) or c.image_size < max(1, s.min_input_size):
+            raise ValueError(f"image_size: {s.name} needs at least {max(1, s.min_input_size)} px, "
+                             f"got --image-size {c.image_size}")
+        if c.aux_weight > 0 and c.image_size < s.aux_min_input_size:
+            raise ValueError(f"image_size: {s.name}'s aux head needs {s.aux_min_input_size} px, "
+                             f"got --image-size {c.image_size}; pass --aux-weight 0 to train "
+                             f"without it at this size")
         if c.base_lr is None:
             c.base_lr = BASE_LR[c.optimizer]
         if c.weight_decay is None:

@@ -78,13 +78,24 @@ def main(argv=None) -> int:
         return 0
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     from jaxconv.convert import ConversionError
-    from train.input_pipeline import DatasetError
-    from train.trainer import NonFiniteLossError, train_and_evaluate
+    try:   # the 'train' extra, named in the error when missing
+        import optax  # noqa: F401
+        import orbax.checkpoint  # noqa: F401
+        import tensorflow  # noqa: F401
+        import tensorflow_datasets  # noqa: F401
+        import tqdm  # noqa: F401
+
+        from train.input_pipeline import DatasetError
+        from train.trainer import CheckpointError, NonFiniteLossError, train_and_evaluate
+    except ModuleNotFoundError as e:
+        print(f"error: training needs the 'train' extra, which is not installed (no module "
+              f"{e.name!r}): pip install 'jaxconv[train]'", file=sys.stderr)
+        return 2
     try:
         maybe_initialize_distributed(config.distributed)
         config = config.resolved()
         train_and_evaluate(config, config.workdir)
-    except (DatasetError, ConversionError, ValueError) as e:
+    except (DatasetError, ConversionError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

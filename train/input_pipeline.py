@@ -151,6 +151,10 @@ class _Source:
     eval: Callable[[], object]          # -> tf.data.Dataset of this host's eval share
     shuffled_by_source: bool = False    # train(epoch) already shuffled with an epoch seed
     plain: bool = False                 # small decoded images: resize only (no crop, no flip)
+    # folder sources: the file of every example, in train(epoch) / eval() order, and a copy of
+    # the source without some files (corrupt ones, --skip-corrupt-images)
+    paths: Callable[[str, int | None], object] | None = None
+    without: Callable[[frozenset], "_Source"] | None = None
 
 
 def _process():
@@ -263,9 +267,10 @@ def tfds_source(name: str, data_dir: str | None, manual_dir: str | None, seed: i
                    train=lambda epoch: load("train", epoch), eval=lambda: load(eval_split))
 
 
-def folder_source(path: str, seed: int) -> _Source:
+def folder_source(path: str, seed: int, exclude: frozenset = frozenset()) -> _Source:
     """An ImageNet-style folder, path/{train,val}/CLASS/*.jpg, discovered with tfds' ImageFolder
-    (labels: sorted class directory names). Paths are shuffled before any file is read."""
+    (labels: sorted class directory names). Paths are shuffled before any file is read; files in
+    `exclude` are left out."""
     import tensorflow_datasets as tfds
     tf = _tf()
     if not os.path.isdir(os.path.join(path, "train")):
@@ -281,25 +286,43 @@ def folder_source(path: str, seed: int) -> _Source:
     index, count = _process()
 
     def files(split):
-        examples = builder._split_examples[split]  # ImageFolder's (path, label) discovery
-        paths = np.asarray([e.image_path for e in examples])
+        examples = [e for e in builder._split_examples[split]  # ImageFolder's discovery
+                    if os.fspath(e.image_path) not in exclude]
+        paths = np.asarray([os.fspath(e.image_path) for e in examples])
         labels = np.asarray([label_feature.str2int(e.label) for e in examples], np.int64)
         return paths, labels
 
-    def load(split, epoch=None):
+    def ordered(split, epoch=None):
         paths, labels = files(split)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         if epoch is not None:
             ds = ds.shuffle(len(labels), seed=seed + epoch, reshuffle_each_iteration=False)
-        ds = ds.shard(count, index)
-        return ds.map(lambda p, y: {"image": tf.io.read_file(p), "label": y},
-                      num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.shard(count, index)
 
-    return _Source(f"folder:{path}", label_feature.num_classes,
-                   builder.info.splits["train"].num_examples,
-                   builder.info.splits[eval_split].num_examples,
+    def load(split, epoch=None):
+        return ordered(split, epoch).map(lambda p, y: {"image": tf.io.read_file(p), "label": y},
+                                         num_parallel_calls=tf.data.AUTOTUNE)
+
+    return _Source(f"folder:{path}", label_feature.num_classes, len(files("train")[1]),
+                   len(files(eval_split)[1]),
                    train=lambda epoch: load("train", epoch), eval=lambda: load(eval_split),
-                   shuffled_by_source=True)
+                   shuffled_by_source=True,
+                   paths=lambda split, epoch: ordered("train" if split == "train" else eval_split,
+                                                      epoch).map(lambda p, y: p),
+                   without=lambda more: folder_source(path, seed, exclude | more))
+
+
+def undecodable(paths) -> list[tuple[str, str]]:
+    """[(path, reason)] of the image files among `paths` that TensorFlow cannot decode."""
+    tf = _tf()
+    bad = []
+    for p in paths:
+        p = p.decode() if isinstance(p, bytes) else str(p)
+        try:
+            tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError) as e:
+            bad.append((p, " ".join(str(getattr(e, "message", e)).split())[:200]))
+    return bad
 
 
 def get_source(dataset: str, *, data_dir=None, manual_dir=None, image_size=224,
@@ -322,8 +345,14 @@ def get_source(dataset: str, *, data_dir=None, manual_dir=None, image_size=224,
 
 def create_dataset(dataset: str, *, global_batch_size: int, eval_batch_size: int,
                    image_size: int, seed: int = 0, data_dir=None, manual_dir=None,
-                   num_classes=None, shuffle_buffer: int = 16_384) -> Dataset:
-    """Build the train / eval iterators for this host (see the module docstring)."""
+                   num_classes=None, shuffle_buffer: int = 16_384,
+                   skip_corrupt_images: bool = False, skipped: list | None = None) -> Dataset:
+    """Build the train / eval iterators for this host (see the module docstring).
+
+    An image that cannot be decoded stops the run with a DatasetError naming its file, or,
+    with `skip_corrupt_images`, is named in a warning, appended to `skipped` (path, reason) and
+    left out of the dataset from then on (files already in `skipped` are left out from the
+    start: a resumed run passes the list it recorded)."""
     tf = _tf()
     _, processes = _process()
     for what, b in (("batch_size", global_batch_size), ("eval_batch_size", eval_batch_size)):
@@ -332,6 +361,9 @@ def create_dataset(dataset: str, *, global_batch_size: int, eval_batch_size: int
                              f"hosts, got {b}")
     src = get_source(dataset, data_dir=data_dir, manual_dir=manual_dir, image_size=image_size,
                      num_classes=num_classes, seed=seed)
+    skipped = [] if skipped is None else skipped
+    if skipped and src.without is not None:
+        src = src.without(frozenset(p for p, _ in skipped))
     if num_classes is not None and num_classes != src.num_classes and dataset != "synthetic":
         raise ValueError(f"num_classes: dataset {src.name} has {src.num_classes} classes, "
                          f"got --num-classes {num_classes}")
@@ -346,15 +378,16 @@ def create_dataset(dataset: str, *, global_batch_size: int, eval_batch_size: int
     opts.deterministic = True
     opts.experimental_optimization.map_parallelization = True
     opts.threading.private_threadpool_size = max(4, os.cpu_count() or 1)
+    current = {"src": src}
 
-    def train_examples(epoch):
+    def train_examples(src, epoch):
         ds = src.train(epoch)
         if not src.shuffled_by_source:
             ds = ds.shuffle(min(shuffle_buffer, max(src.num_train, 1)), seed=seed + epoch,
                             reshuffle_each_iteration=False)
         return ds
 
-    def prep_train(i, ex, epoch):
+    def prep_train(src, i, ex, epoch):
         if src.plain:
             image = preprocess_plain(ex["image"], image_size)
         else:
@@ -362,29 +395,67 @@ def create_dataset(dataset: str, *, global_batch_size: int, eval_batch_size: int
             image = preprocess_train(ex["image"], example_seed, image_size)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
+    def handle(error, split, epoch, first, count):
+        """A batch failed to load: name the undecodable files among its examples [first,
+        first + count) and stop, or (skipping) leave them out from now on."""
+        src = current["src"]
+        if src.paths is None:
+            raise DatasetError(f"dataset: {src.name} ({split}, epoch {epoch}): cannot read an "
+                               f"example of batch at {first}: {_summary(error)}") from error
+        paths = list(src.paths(split, epoch).skip(first).take(count).as_numpy_iterator())
+        bad = undecodable(paths)
+        if not bad:
+            raise DatasetError(f"dataset: {src.name}: reading {split} failed "
+                               f"({_summary(error)})") from error
+        if not skip_corrupt_images:
+            raise DatasetError("dataset: cannot decode " + "; ".join(
+                f"{p} ({reason})" for p, reason in bad) + "; delete or replace the file, or "
+                "pass --skip-corrupt-images to skip such files (each is named and counted)") from error
+        for p, reason in bad:
+            print(f"warning: skipping corrupt image {p} ({reason})", flush=True)
+        skipped.extend(bad)
+        current["src"] = src.without(frozenset(p for p, _ in skipped))
+
     def train_batches(start_step: int = 0) -> Iterator[dict]:
-        epoch, offset = divmod(start_step, steps_per_epoch)
+        step = start_step
         while True:
-            ds = train_examples(epoch).enumerate().skip(offset * local_batch)
-            ds = ds.map(lambda i, ex, e=epoch: prep_train(i, ex, e),
+            src = current["src"]
+            epoch, offset = divmod(step, steps_per_epoch)
+            ds = train_examples(src, epoch).enumerate().skip(offset * local_batch)
+            ds = ds.map(lambda i, ex, e=epoch, s=src: prep_train(s, i, ex, e),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             ds = ds.batch(local_batch, drop_remainder=True).take(steps_per_epoch - offset)
-            yield from ds.with_options(opts).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-            epoch, offset = epoch + 1, 0
+            try:
+                for batch in ds.with_options(opts).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+                    yield batch
+                    step += 1
+            except tf.errors.OpError as e:
+                handle(e, "train", epoch, (step % steps_per_epoch) * local_batch, local_batch)
+                continue   # skipping: the same step again, without the file
+            if step % steps_per_epoch:   # an epoch cut short by a skipped file: next epoch
+                step += steps_per_epoch - step % steps_per_epoch
 
-    def prep_eval(ex):
+    def prep_eval(src, ex):
         image = (preprocess_plain if src.plain else preprocess_eval)(ex["image"], image_size)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     def eval_batches() -> Iterator[dict]:
-        ds = src.eval().map(prep_eval, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(local_eval).with_options(opts).prefetch(tf.data.AUTOTUNE)
         produced = 0
-        for batch in ds.as_numpy_iterator():
-            if produced == eval_steps:
+        while True:
+            src = current["src"]
+            ds = src.eval().skip(produced * local_eval).map(
+                lambda ex, s=src: prep_eval(s, ex), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+            ds = ds.batch(local_eval).with_options(opts).prefetch(tf.data.AUTOTUNE)
+            try:
+                for batch in ds.as_numpy_iterator():
+                    if produced == eval_steps:
+                        break
+                    yield _pad(batch, local_eval)
+                    produced += 1
                 break
-            yield _pad(batch, local_eval)
-            produced += 1
+            except tf.errors.OpError as e:
+                handle(e, "eval", None, produced * local_eval, local_eval)
         dummy = {"image": np.zeros((local_eval, image_size, image_size, 3), np.float32),
                  "label": np.zeros((local_eval,), np.int32), "mask": np.zeros((local_eval,), bool)}
         for _ in range(eval_steps - produced):
@@ -392,6 +463,10 @@ def create_dataset(dataset: str, *, global_batch_size: int, eval_batch_size: int
 
     return Dataset(src.name, src.num_classes, src.num_train, src.num_eval, steps_per_epoch,
                    eval_steps, train_batches, eval_batches)
+
+
+def _summary(error) -> str:
+    return " ".join(str(getattr(error, "message", error)).split())[:300]
 
 
 def _pad(batch: dict, size: int) -> dict:

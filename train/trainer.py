@@ -14,10 +14,13 @@ Shape (as flax's examples/imagenet, written for NNX):
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -251,6 +254,54 @@ def checkpoint_manager(directory: str, keep: int):
             enable_async_checkpointing=False))
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir can be restored (the message names the folder)."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python logging (orbax, absl) while a possibly damaged checkpoint is tried: its
+    errors are summarised in one line instead."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}{'...' if len(text) > 240 else ''}"
+
+
+def restore_latest(ckpt, abstract, damaged_dir: str, lead: bool):
+    """(state, step) of the newest checkpoint that restores. A checkpoint that does not is
+    named with the reason in one line and moved to `damaged_dir` (nothing is deleted), and the
+    previous one is tried; if none restores, CheckpointError names the folder."""
+    import orbax.checkpoint as ocp
+    tried = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            with _quiet():
+                return ckpt.restore(step, args=ocp.args.StandardRestore(abstract)), step
+        except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+            tried.append(step)
+            dest = os.path.join(damaged_dir, str(step))
+            if lead:
+                os.makedirs(damaged_dir, exist_ok=True)
+                while os.path.exists(dest):
+                    dest += "+"
+                shutil.move(os.path.join(ckpt.directory, str(step)), dest)
+                print(f"checkpoint: step {step} in {ckpt.directory} cannot be restored "
+                      f"({_one_line(e)}); moved it to {dest}; trying the previous one",
+                      flush=True)
+            ckpt.reload()
+    raise CheckpointError(
+        f"workdir: no checkpoint in {ckpt.directory} can be restored (tried steps "
+        f"{', '.join(map(str, tried))}, now in {damaged_dir}); start a fresh run with another "
+        f"--workdir, or move a good checkpoint back")
+
+
 def _compilation_cache(path: str | None) -> None:
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
@@ -258,21 +309,54 @@ def _compilation_cache(path: str | None) -> None:
 
 def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     """Train `config.model` on `config.dataset`, evaluating every epoch; resume from the latest
-    complete checkpoint in `workdir` if there is one. Returns the final summary (also printed)."""
-    import orbax.checkpoint as ocp
-
+    checkpoint in `workdir` that restores, if there is one. Returns the final summary (also
+    printed)."""
     config = config.resolved()
     _compilation_cache(config.compilation_cache)
     _check_divisible(config)
     workdir = os.path.abspath(workdir)
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
+    try:
+        return _train_and_evaluate(config, workdir)
+    except BaseException:
+        # a run that failed before writing anything leaves no workdir behind
+        if created and jax.process_index() == 0 and not _has_progress(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _read_skipped(path: str) -> list[tuple[str, str]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [tuple(line.rstrip("\n").split("\t", 1)) for line in f if "\t" in line]
+
+
+def _write_skipped(path: str, skipped: list, lead: bool) -> None:
+    if lead and skipped:
+        with open(path, "w") as f:
+            f.writelines(f"{p}\t{reason}\n" for p, reason in skipped)
+
+
+def _has_progress(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or bool(
+        os.path.isdir(os.path.join(workdir, "checkpoints"))
+        and os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def _train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
     lead = jax.process_index() == 0
 
+    skipped_file = os.path.join(workdir, "skipped_images.tsv")
+    skipped = _read_skipped(skipped_file)
     data = input_pipeline.create_dataset(
         config.dataset, global_batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
         image_size=config.image_size, seed=config.seed, data_dir=config.data_dir,
         manual_dir=config.manual_dir, num_classes=config.num_classes,
-        shuffle_buffer=config.shuffle_buffer)
+        shuffle_buffer=config.shuffle_buffer, skip_corrupt_images=config.skip_corrupt_images,
+        skipped=skipped)
     num_classes = config.num_classes or data.num_classes
     config = dataclasses.replace(config, num_classes=num_classes)
     _check_workdir(workdir, config)
@@ -310,7 +394,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                     "batch_stats": batch_stats, "opt_state": jax.eval_shape(tx.init, params)}
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-        state = ckpt.restore(resume, args=ocp.args.StandardRestore(abstract))
+        state, _ = restore_latest(ckpt, abstract, os.path.join(workdir, "checkpoints-damaged"),
+                                  lead)
         start_step = int(state["step"])
         if lead:
             print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}/{total_steps})")
@@ -395,6 +480,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
             if save:
                 ckpt.save(step, args=ocp.args.StandardSave(state))
                 latest_good = step
+                _write_skipped(skipped_file, skipped, lead)
             if run_eval:
                 last_eval = evaluate(state)
                 best_top1 = max(best_top1, last_eval["top1"])
@@ -411,6 +497,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
         ckpt.wait_until_finished()
         ckpt.close()
         writer.close()
+        _write_skipped(skipped_file, skipped, lead)
 
     wall = time.time() - t_start
     summary = {"model": config.model, "dataset": data.name, "steps": total_steps,
@@ -418,7 +505,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
                "wall_s": wall, "train_images_per_s": float(np.median(rates)) if rates else 0.0,
                "eval_top1": float(last_eval["top1"]), "eval_top5": float(last_eval["top5"]),
                "eval_loss": float(last_eval["loss"]), "best_top1": float(best_top1),
-               "checkpoint_step": latest_good, "workdir": workdir}
+               "checkpoint_step": latest_good, "workdir": workdir,
+               "skipped_images": len(skipped)}
     if lead:
         print(format_summary(summary))
     return summary
@@ -431,4 +519,6 @@ def format_summary(s: dict) -> str:
         f"{s['train_images_per_s']:.1f} train images/s",
         f"   validation: top-1 {s['eval_top1']:.4f}  top-5 {s['eval_top5']:.4f}  "
         f"loss {s['eval_loss']:.4f}  (best top-1 {s['best_top1']:.4f})",
-        f"   checkpoint: step {s['checkpoint_step']} in {s['workdir']}/checkpoints"])
+        f"   checkpoint: step {s['checkpoint_step']} in {s['workdir']}/checkpoints"]
+        + ([f"   skipped {s['skipped_images']} corrupt image(s): {s['workdir']}/skipped_images.tsv"]
+           if s.get("skipped_images") else []))

@@ -201,6 +201,7 @@ class InceptionV3(TorchvisionInception):
     """
 
     min_input_size = 75
+    aux_min_input_size = 299     # Mixed_6e of at least 17x17 for the aux head's 5x5/3 pool and 5x5 conv
     feature_levels = (FeatureInfo("Conv2d_2b_3x3", 64, 2), FeatureInfo("Conv2d_4a_3x3", 192, 4),
                       FeatureInfo("Mixed_5d", 288, 8), FeatureInfo("Mixed_6e", 768, 16),
                       FeatureInfo("Mixed_7c", 2048, 32))
@@ -259,7 +260,7 @@ class InceptionV3(TorchvisionInception):
                     x = getattr(m, name)(x)
                 aux = {}
                 if with_aux and names[-1] == "Mixed_6e":
-                    if min(x.shape[1:3]) < 17:   # Mixed_6e < 17x17 exactly when input < 299
+                    if min(x.shape[1:3]) < 17:   # Mixed_6e < 17x17 exactly when input < 299 px
                         raise ValueError(f"{type(m).__name__}: x: the aux head (train mode, "
                                          f"aux_logits=True) needs an input of at least 299x299; "
                                          f"build the model with aux_logits=False for smaller "

@@ -124,6 +124,11 @@ class ModelSpec:
         return self.cls.min_input_size
 
     @property
+    def aux_min_input_size(self) -> int:
+        """The smallest input the aux heads (train mode) work at."""
+        return getattr(self.cls, "aux_min_input_size", 0) if self.aux_heads else 0
+
+    @property
     def classifiers(self) -> tuple[str, ...]:
         """Every Linear whose shape depends on num_classes (the head and the aux heads')."""
         return (self.classifier,) + tuple(a.classifier for a in self.aux_heads)
