@@ -1,4 +1,5 @@
-"""Cross-framework verification: jaxconv against PyTorch (`python -m jaxconv.verify`).
+"""Cross-framework verification: jaxconv against PyTorch (`python -m jaxconv.verify`), and
+`compare(torch_module, nnx_module, *inputs)` for any port, layer by layer.
 
 Holds DESIGN.md's tolerance table (the parity suite reads it from here) and the comparison used
 by the op grid, the parity tests and the CLI. torch is imported lazily, inside the functions.
@@ -48,3 +49,9 @@ class Result:
     @property
     def grad(self) -> float:
         return max(self.grads.values(), default=0.0)
+
+
+def compare(torch_module, nnx_module, *inputs, **kwargs):
+    """Layer-by-layer comparison of a port: see jaxconv.verify.compare.compare."""
+    from jaxconv.verify.compare import compare as run
+    return run(torch_module, nnx_module, *inputs, **kwargs)
