@@ -15,6 +15,9 @@ torch.ops.aten.convolution_backward with the same output mask.
 nnx.jit / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
 update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last.
 
+--bn-fold: what folding eval BatchNorms into the convs could save at most: each model's
+inference with every BatchNorm2d replaced by the identity, against the same model with them.
+
 Every number is a wall time over `repeats` runs after one warm-up run (which compiles),
 jax.block_until_ready on jaxconv's side, jaxconv and torch interleaved run by run so that load
 changes hit both; torch uses torch.set_num_threads(threads), XLA's CPU client its default (all
@@ -260,11 +263,46 @@ def bench_models(args):
                   + " | ".join(cells) + " |", flush=True)
 
 
+def bench_bn_fold(args):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxconv.models import create_model, input_size, list_models
+    from jaxconv.nn import BatchNorm2d
+
+    print("| model, batch x size | with BatchNorm ms (min / med) | BatchNorm as identity ms | "
+          "saving (medians) |")
+    print("|---|---|---|---|")
+    for name in args.names or list_models():
+        size = input_size(name)
+        model = create_model(name)
+        model.eval()
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((args.model_batch, size, size, 3)),
+                        jnp.float32)
+        with_bn = nnx.jit(lambda m, x: m(x))
+        with_bn(model, x).block_until_ready()
+        original = BatchNorm2d.__call__
+        BatchNorm2d.__call__ = lambda self, x: x    # traced now: the identity for this function
+        try:
+            without = nnx.jit(lambda m, x: m(x))
+            without(model, x).block_until_ready()
+        finally:
+            BatchNorm2d.__call__ = original
+        res = _interleaved({"bn": lambda: jax.block_until_ready(with_bn(model, x)),
+                            "id": lambda: jax.block_until_ready(without(model, x))},
+                           args.model_repeats)
+        print(f"| {name}, {args.model_batch} x {size} | {_fmt(res['bn'])} | {_fmt(res['id'])} | "
+              f"{100 * (1 - res['id'][1] / res['bn'][1]):.1f}% |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench conv", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", action="store_true", help="per-layer benchmarks")
     p.add_argument("--models", action="store_true", help="whole-model benchmarks")
+    p.add_argument("--bn-fold", action="store_true",
+                   help="inference with BatchNorms as the identity: what folding could save")
     p.add_argument("--names", default="", help="comma-separated model names (default: all)")
     p.add_argument("--kinds", default="", help="layer kinds: pointwise, depthwise, grouped, dense")
     p.add_argument("--engines", default="auto", help="comma-separated conv_lowering values")
@@ -279,7 +317,7 @@ def main(argv=None):
     split = lambda s: [o for o in s.split(",") if o]  # noqa: E731
     args.only, args.names, args.kinds = split(args.only), split(args.names), split(args.kinds)
     args.engines, args.passes = split(args.engines), split(args.passes)
-    if not (args.layers or args.models):
+    if not (args.layers or args.models or args.bn_fold):
         args.layers = args.models = True
 
     import jax
@@ -297,6 +335,9 @@ def main(argv=None):
     if args.models:
         print(f"\n## models: batch {args.model_batch}, float32, {args.model_repeats} repeats\n")
         bench_models(args)
+    if args.bn_fold:
+        print(f"\n## BatchNorm folding bound: batch {args.model_batch}, {args.model_repeats} repeats\n")
+        bench_bn_fold(args)
     print(f"\n# load after {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -154,8 +154,8 @@ def _gather(x_rows, rows):
 def _interpolate(geo: _Geo, x_rows, offset_c, pix):
     """Bilinear samples (P, K, G, C/G) in the coordinate dtype, and the corners they came from.
 
-    Written as four gathers blended elementwise: XLA fuses each gather into the blend (a
-    reduction over a stacked corner axis would be ~20x slower on CPU).
+    Written as four gathers blended elementwise: XLA fuses each gather into the blend, where a
+    reduction over a stacked corner axis is far slower on CPU (BENCHMARKS.md).
     """
     corners = _sample_points(geo, offset_c, pix)
     cdt = offset_c.dtype

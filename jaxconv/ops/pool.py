@@ -74,8 +74,8 @@ def _max_pool(x, window):
 def _max_pool_jvp(window, primals, tangents):
     """The tangent at each window's first maximum, as selects over the taps (the running
     maximum is the primal output: max is exact). Its transpose (the gradient) is masked strided
-    pads that XLA fuses; XLA:CPU ran lax's select-and-scatter of a max window ~4x slower (a
-    147x147x128 3x3/2 pool: 429 vs 110 ms), and jnp.max over the taps averaged tied maxima."""
+    pads that XLA fuses: faster on XLA:CPU than lax's select-and-scatter (BENCHMARKS.md, "Max
+    pooling"), and, unlike jnp.max over the taps, it does not average tied maxima."""
     (x,), (t,) = primals, tangents
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
     ts = _taps(t, window, np.array(0, t.dtype))
