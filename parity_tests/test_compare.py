@@ -1,7 +1,8 @@
-"""jaxconv.verify.compare: every registered model against its torch_ref twin with every layer
-paired; planted bugs in a user's port found at the exact layer (and nothing earlier); the
-report's verdicts (vanished signals are 'not tested', bounds scale with the output); the CLI
-for factories defined in a test file; python -m jaxconv.verify --model as a user of compare."""
+"""jaxconv.verify.compare (in jaxconv/verify/layers.py): every registered model against its
+torch_ref twin with every layer paired; planted bugs in a user's port found at the exact layer
+(and nothing earlier); the report's verdicts (vanished signals are 'not tested', bounds scale
+with the output); the CLI for factories defined in a test file; python -m jaxconv.verify
+--model as a user of compare."""
 from __future__ import annotations
 
 import json
@@ -13,13 +14,24 @@ import torch
 import torch_ref
 from jaxconv import nn
 from jaxconv.models import list_models
+from jaxconv.verify import compare
 from jaxconv.verify.__main__ import main as verify_main
-from jaxconv.verify.compare import compare
 from tests import ports
 from tests.helpers import HEAVY, filled_model, params, rand, randomise_torch_bn
 
 # torch_ref modules with no jaxconv module (parameterless pooling, as functions in jaxconv)
 POOLING = {"avgpool", "global_pool", "relu", "maxpool"}
+
+
+def test_compare_stays_the_function_after_every_verify_module_is_imported():
+    import importlib
+    import pkgutil
+
+    import jaxconv.verify
+    for info in pkgutil.iter_modules(jaxconv.verify.__path__):
+        importlib.import_module(f"jaxconv.verify.{info.name}")
+    from jaxconv.verify import compare as again
+    assert callable(again) and again is compare
 
 
 @pytest.mark.parametrize("name", params(list_models(), HEAVY))

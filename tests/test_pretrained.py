@@ -172,6 +172,20 @@ def test_download_verify_cache_and_failures(cache, capsys):
     assert again.num_classes == 10
 
 
+def test_download_without_tqdm(cache, monkeypatch):
+    """tqdm comes with the 'image' extra; without it downloads still work, with no bar."""
+    from jaxconv.convert.hub import download
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)   # import tqdm -> ImportError
+    data = b"weights" * 1000
+    name = f"w-{hashlib.sha256(data).hexdigest()[:8]}.bin"
+    server = _Server({f"/{name}": data})
+    try:
+        got = download(f"{server.url}/{name}", cache / name, sha256=name[2:10])
+    finally:
+        server.stop()
+    assert got.read_bytes() == data
+
+
 def test_offline_names_the_file_url_and_folder(cache, monkeypatch):
     monkeypatch.setenv("JAXCONV_OFFLINE", "1")
     cfg = pretrained_cfg("resnext50_32x4d.tv2_in1k")

@@ -11,6 +11,7 @@ Hub go through ``huggingface_hub`` and its cache when that package is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import urllib.error
@@ -58,8 +59,12 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = T
         raise DownloadError(f"pretrained: {url} answered HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError) as e:
         raise DownloadError(f"pretrained: cannot reach {url} ({e})") from e
-    from tqdm import tqdm
     total = int(response.headers.get("Content-Length") or 0) or None
+    try:
+        from tqdm import tqdm
+    except ImportError:   # no progress bar without tqdm (the 'image' extra has it)
+        progress = False
+        tqdm = _NoBar
     got = 0
     with response, atomic_write(dest) as tmp:
         with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
@@ -81,6 +86,16 @@ def download(url: str, dest: Path, sha256: str | None = None, progress: bool = T
                 raise DownloadError(f"pretrained: {url} failed verification: expected a sha256 "
                                     f"starting {sha256}, got {digest}")
     return dest
+
+
+class _NoBar(contextlib.nullcontext):
+    """tqdm's interface, doing nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(self)
+
+    def update(self, n):
+        pass
 
 
 def fetch(url: str, *, file_name: str | None = None, sha256: str | None = "name",

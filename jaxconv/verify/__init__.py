@@ -52,6 +52,6 @@ class Result:
 
 
 def compare(torch_module, nnx_module, *inputs, **kwargs):
-    """Layer-by-layer comparison of a port: see jaxconv.verify.compare.compare."""
-    from jaxconv.verify.compare import compare as run
+    """Layer-by-layer comparison of a port: see jaxconv.verify.layers."""
+    from jaxconv.verify.layers import compare as run
     return run(torch_module, nnx_module, *inputs, **kwargs)

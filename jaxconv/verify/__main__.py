@@ -52,7 +52,7 @@ def verify_port(args) -> bool:
     import torch
 
     from jaxconv.convert import load_checkpoint
-    from jaxconv.verify.compare import compare
+    from jaxconv.verify import compare
     tmodule, jmodule = _factory(args.torch)(), _factory(args.jax)()
     if args.checkpoint:
         state = {k: torch.from_numpy(np.array(v)) for k, v in load_checkpoint(args.checkpoint).items()}

@@ -18,7 +18,7 @@ def verify_model(name: str, *, checkpoint=None, dtype: str = "float32", size: in
     import torch_ref
     from jaxconv.convert import load_checkpoint
     from jaxconv.models.registry import create_model, spec
-    from jaxconv.verify.compare import compare
+    from jaxconv.verify import compare
 
     s = spec(name)   # one error message for unknown names, and aliases accepted
     torch.manual_seed(seed)
