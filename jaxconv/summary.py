@@ -8,7 +8,6 @@ the cost arguments of the papers live (a depthwise separable conv costs about
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import sys
@@ -19,29 +18,14 @@ from flax import nnx
 
 from jaxconv import nn
 from jaxconv.models import create_model, input_size
+from jaxconv.nn.hooks import recording
 
 _LEAVES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-@contextlib.contextmanager
 def _recording(calls: list):
     """Record (module, input shape, output shape) of every leaf layer call."""
-    originals = {cls: cls.__call__ for cls in _LEAVES}
-
-    def wrap(call):
-        def recorded(self, x, *args, **kwargs):
-            y = call(self, x, *args, **kwargs)
-            calls.append((self, x.shape, y.shape))
-            return y
-        return recorded
-
-    for cls, call in originals.items():
-        cls.__call__ = wrap(call)
-    try:
-        yield
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+    return recording(_LEAVES, lambda m, args, out: calls.append((m, args[0].shape, out.shape)))
 
 
 def _macs(layer, in_shape, out_shape) -> int:

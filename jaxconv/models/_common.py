@@ -15,7 +15,7 @@ import collections
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxconv.nn import Dropout
+from jaxconv.nn import Dropout, Linear
 
 
 def check_input(x, min_size: int, model: str, in_chans: int = 3) -> None:
@@ -98,8 +98,9 @@ class Classifier(nnx.Module):
                 nnx.data(self._classifier(num_classes, rngs) if num_classes else None))
 
     def _classifier(self, num_classes: int, rngs: nnx.Rngs):
-        """The family's classifier Linear for `num_classes` (its own initialisation)."""
-        raise NotImplementedError
+        """The classifier Linear for `num_classes` (families with their own init override it)."""
+        return Linear(self.num_features, num_classes, dtype=self.dtype,
+                      param_dtype=self.param_dtype, rngs=rngs)
 
     @property
     def training(self) -> bool:

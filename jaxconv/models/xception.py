@@ -143,10 +143,6 @@ class Xception(Classifier):
         self.bn4 = norm(2048)
         self._head(2048, num_classes, drop_rate, global_pool, rngs=rngs)
 
-    def _classifier(self, num_classes, rngs):
-        return nn.Linear(self.num_features, num_classes, dtype=self.dtype,
-                         param_dtype=self.param_dtype, rngs=rngs)
-
     def stages(self):
         def stem(m, x, with_aux):
             x = jax.nn.relu(m.bn1(m.conv1(x)))

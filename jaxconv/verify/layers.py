@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxconv.nn.hooks import recording
 from jaxconv.verify import MODEL_LOGITS_ATOL
 
 NOISE_FACTOR = 3.0    # jaxconv may be this many times torch's own float32 error from float64
@@ -127,7 +128,6 @@ def _torch_outputs(module, inputs):
     return out, records, order
 
 
-@contextlib.contextmanager
 def _nnx_hooks(model, records, order):
     """Record every submodule's output (by its attribute path) while `model` runs."""
     paths = {id(node): ".".join(map(str, path)) for path, node in nnx.iter_graph(model)
@@ -135,25 +135,14 @@ def _nnx_hooks(model, records, order):
     # the classes that define the __call__ each module runs (a subclass inherits the wrapper)
     classes = {next(c for c in type(n).__mro__ if "__call__" in c.__dict__)
                for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Module)}
-    originals = {cls: cls.__dict__["__call__"] for cls in classes}
 
-    def wrap(call):
-        def recorded(self, *args, **kwargs):
-            out = call(self, *args, **kwargs)
-            path = paths.get(id(self))
-            if path is not None:
-                records.setdefault(path, []).append(out)
-                order.append(path)
-            return out
-        return recorded
+    def hook(module, args, out):
+        path = paths.get(id(module))
+        if path is not None:
+            records.setdefault(path, []).append(out)
+            order.append(path)
 
-    for cls, call in originals.items():
-        cls.__call__ = wrap(call)
-    try:
-        yield
-    finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+    return recording(classes, hook)
 
 
 def _nnx_outputs(model, inputs):
