@@ -37,6 +37,8 @@ LAYERS = [
      lambda: tnn.SeparableConv2d(4, 6, 3, 2, 1, depth_multiplier=2, bias=False, pointwise_first=True),
      (3, 7, 5, 4)),
     ("BatchNorm2d", lambda: nn.BatchNorm2d(4), lambda: torch.nn.BatchNorm2d(4), (3, 5, 4, 4)),
+    ("BatchNorm2d-no-affine", lambda: nn.BatchNorm2d(4, affine=False),
+     lambda: torch.nn.BatchNorm2d(4, affine=False), (3, 5, 4, 4)),
     ("BatchNorm2d-eps-momentum", lambda: nn.BatchNorm2d(4, eps=1e-3, momentum=0.3),
      lambda: torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.3), (2, 3, 2, 4)),
     ("MaxPool2d", lambda: nn.MaxPool2d(3, 2, ceil_mode=True), lambda: torch.nn.MaxPool2d(3, 2, ceil_mode=True),

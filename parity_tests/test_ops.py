@@ -49,3 +49,63 @@ def test_grouped_conv_connectivity(groups, cin, cout):
         touched = np.flatnonzero(np.abs(np.asarray(ops.conv2d(x, kernel, padding=1, groups=groups))).sum((0, 1, 2)))
         g = c // (cin // groups)
         np.testing.assert_array_equal(touched, np.arange(g * cout // groups, (g + 1) * cout // groups))
+
+
+def _plain_batch_norm(x, scale, bias, eps):
+    """The formula as written, differentiated by JAX: the oracle for ops.batch_norm_train."""
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_train_matches_torch_in_float64(affine):
+    import torch
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 2, 7)) * 3 + 1
+    scale, bias, g = rng.standard_normal(7), rng.standard_normal(7), rng.standard_normal(x.shape)
+    args = (scale, bias) if affine else (None, None)
+    with jax.enable_x64(True):
+        def loss(x, *p):
+            return jnp.sum(ops.batch_norm_train(x, *p, eps=1e-3)[0] * g)
+        y, mean, var = ops.batch_norm_train(jnp.asarray(x), *args, eps=1e-3)
+        grads = jax.grad(loss, argnums=(0, 1, 2) if affine else 0)(x, *args)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    tp = [torch.tensor(p, requires_grad=True) for p in args] if affine else [None, None]
+    ty = torch.nn.functional.batch_norm(tx, None, None, *tp, training=True, eps=1e-3)
+    (ty * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-12)
+    want = [tx.grad.numpy().transpose(0, 2, 3, 1)] + [p.grad.numpy() for p in tp if p is not None]
+    for a, b in zip(jax.tree.leaves(grads), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_train_forward_mode_and_higher_order_ad():
+    """jvp (every output), jacfwd, hessian-vector product, grad of grad, vmap of grad and of jvp
+    against autodiff of the plain formula, in float64; and finite differences to order 2."""
+    from jax.test_util import check_grads
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x, tx = (jnp.asarray(rng.standard_normal((2, 3, 4, 5))) for _ in range(2))
+        s, b, ts, tb = (jnp.asarray(rng.standard_normal(5)) for _ in range(4))
+        results = {}
+        for name, bn in (("ours", lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-3)),
+                         ("plain", lambda x, s, b: _plain_batch_norm(x, s, b, 1e-3))):
+            def loss(x, s, b, bn=bn):
+                y, mean, var = bn(x, s, b)
+                return jnp.sum(jnp.tanh(y) ** 2) + jnp.sum(mean * var)
+            results[name] = {
+                "jvp": jax.jvp(bn, (x, s, b), (tx, ts, tb))[1],
+                "jacfwd_x": jax.jacfwd(loss)(x, s, b),
+                "hvp": jax.jvp(jax.grad(loss, argnums=(0, 1, 2)), (x, s, b), (tx, ts, tb))[1],
+                "grad_of_grad": jax.grad(lambda s: jnp.sum(jax.grad(loss)(x, s, b) ** 2))(s),
+                "vmap_grad": jax.vmap(jax.grad(loss), in_axes=(0, None, None))(jnp.stack([x, 2 * x]), s, b),
+                "vmap_jvp": jax.vmap(lambda t: jax.jvp(lambda x: bn(x, s, b)[0], (x,), (t,))[1])(
+                    jnp.stack([tx, -tx]))}
+        for k, want in results["plain"].items():
+            for a, w in zip(jax.tree.leaves(results["ours"][k]), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, w, rtol=1e-9, atol=1e-10, err_msg=k)
+        check_grads(lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-3)[0], (x, s, b), order=2,
+                    modes=("fwd", "rev"))

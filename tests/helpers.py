@@ -80,7 +80,8 @@ def randomise_torch_bn(module, seed: int = 0) -> None:
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 for t in (m.weight, m.bias, m.running_mean):
-                    t.copy_(torch.randn(t.shape, generator=g))
+                    if t is not None:   # affine=False: no weight, bias
+                        t.copy_(torch.randn(t.shape, generator=g))
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxconv.ops.norm import batch_norm_train
+
 
 class BatchNorm2d(nnx.Module):
     """torch.nn.BatchNorm2d over the last (channel) axis.
@@ -36,24 +38,24 @@ class BatchNorm2d(nnx.Module):
         if x.ndim != 4 or x.shape[-1] != self.num_features:
             raise ValueError(f"x: expected NHWC input with {self.num_features} channels on the last "
                              f"axis, got shape {tuple(x.shape)}")
-        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
         if self.use_running_average and self.mean is not None:
-            mean, var = self.mean[...], self.var[...]
-        else:
-            n = x.shape[0] * x.shape[1] * x.shape[2]
-            if n == 0:   # an empty batch (as torch): empty output, statistics unchanged
-                return x.astype(self.dtype or x.dtype)
-            if n < 2:
-                raise ValueError(f"x: training BatchNorm2d needs more than 1 value per channel "
-                                 f"(as torch), got shape {tuple(x.shape)}")
-            mean = xf.mean(axis=(0, 1, 2))
-            var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
-            if self.mean is not None:
-                m = self.momentum
-                batch_mean, batch_var = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
-                self.mean[...] = (1 - m) * self.mean[...] + m * batch_mean
-                self.var[...] = (1 - m) * self.var[...] + m * batch_var
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        if self.scale is not None:
-            y = y * self.scale[...] + self.bias[...]
+            xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+            y = (xf - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps)
+            if scale is not None:
+                y = y * scale + bias
+            return y.astype(self.dtype or x.dtype)
+        n = x.shape[0] * x.shape[1] * x.shape[2]
+        if n == 0:   # an empty batch (as torch): empty output, statistics unchanged
+            return x.astype(self.dtype or x.dtype)
+        if n < 2:
+            raise ValueError(f"x: training BatchNorm2d needs more than 1 value per channel "
+                             f"(as torch), got shape {tuple(x.shape)}")
+        y, mean, var = batch_norm_train(x, scale, bias, self.eps)
+        if self.mean is not None:
+            m = self.momentum
+            batch_mean, batch_var = jax.lax.stop_gradient((mean, var * (n / (n - 1))))
+            self.mean[...] = (1 - m) * self.mean[...] + m * batch_mean
+            self.var[...] = (1 - m) * self.var[...] + m * batch_var
         return y.astype(self.dtype or x.dtype)
