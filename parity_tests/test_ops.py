@@ -109,3 +109,25 @@ def test_batch_norm_train_forward_mode_and_higher_order_ad():
                 np.testing.assert_allclose(a, w, rtol=1e-9, atol=1e-10, err_msg=k)
         check_grads(lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-3)[0], (x, s, b), order=2,
                     modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1),
+                                dict(kernel_size=3, stride=2, ceil_mode=True),
+                                dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_torch(kw):
+    """Inputs from {0, 1, 2} tie in most windows, and one NaN: the gradient (torch's rule: the
+    first maximum in row-major order, NaN counting as one) equals torch's; jacfwd == jacrev."""
+    import torch
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (2, 7, 8, 3)).astype(np.float32)
+    x[1, 3, 4, 2] = np.nan
+    g = rng.standard_normal(np.asarray(ops.max_pool2d(jnp.asarray(x), **kw)).shape).astype(np.float32)
+    grad = jax.grad(lambda x: jnp.sum(jnp.nan_to_num(ops.max_pool2d(x, **kw)) * g))(jnp.asarray(x))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, **kw)
+    (torch.nan_to_num(ty) * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_array_equal(np.asarray(grad), tx.grad.numpy().transpose(0, 2, 3, 1))
+    small = jnp.asarray(x[:1, :5, :5, :2])
+    fwd, rev = (jax.jacfwd(lambda v: ops.max_pool2d(v, **kw))(small),
+                jax.jacrev(lambda v: ops.max_pool2d(v, **kw))(small))
+    np.testing.assert_array_equal(np.asarray(fwd), np.asarray(rev))

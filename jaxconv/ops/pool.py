@@ -72,18 +72,21 @@ def _max_pool(x, window):
 
 @_max_pool.defjvp
 def _max_pool_jvp(window, primals, tangents):
-    """The tangent at each window's first maximum, as selects over the taps (the running
-    maximum is the primal output: max is exact). Its transpose (the gradient) is masked strided
-    pads that XLA fuses: faster on XLA:CPU than lax's select-and-scatter (BENCHMARKS.md, "Max
-    pooling"), and, unlike jnp.max over the taps, it does not average tied maxima."""
+    """The tangent at each window's first maximum: the running maximum over the taps (the
+    primal output: max is exact) records which tap won, and the tangent sums each tap's
+    tangent where it won. Its transpose (the gradient) is then one masked, padded sum per tap
+    that XLA fuses into a single pass: faster on XLA:CPU than lax's select-and-scatter or a
+    chain of selects (BENCHMARKS.md, "Max pooling"), and, unlike jnp.max over the taps, it does
+    not average tied maxima."""
     (x,), (t,) = primals, tangents
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
-    ts = _taps(t, window, np.array(0, t.dtype))
-    best, pick = xs[0], ts[0]
-    for xt, tt in zip(xs[1:], ts[1:]):
+    index_dtype = jnp.int8 if len(xs) <= 127 else jnp.int32
+    best, won = xs[0], jnp.zeros(xs[0].shape, index_dtype)
+    for i, xt in enumerate(xs[1:], 1):
         take = (xt > best) | jnp.isnan(xt)
-        best, pick = jnp.where(take, xt, best), jnp.where(take, tt, pick)
-    return best, pick
+        best, won = jnp.where(take, xt, best), jnp.where(take, index_dtype(i), won)
+    ts = _taps(t, window, np.array(0, t.dtype))
+    return best, sum(jnp.where(won == i, tt, 0) for i, tt in enumerate(ts))
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
