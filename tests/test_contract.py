@@ -17,7 +17,7 @@ from flax import nnx
 from jaxconv import config
 from jaxconv.models import create_model, list_models
 from jaxconv.models.registry import spec
-from tests.helpers import HEAVY, filled_model, heads, params
+from tests.helpers import HEAVY, abstract_model, filled_model, heads, params
 
 MODELS = list_models()
 NUM_CLASSES = 7
@@ -130,7 +130,10 @@ def test_grad_checkpointing_changes_nothing_and_every_parameter_gets_a_gradient(
     flat_p = nnx.to_flat_state(plain[1])
     flat_r = dict(nnx.to_flat_state(remat[1]))
     for path, g in flat_p:
-        np.testing.assert_allclose(flat_r[path][...], g[...], rtol=1e-5, atol=1e-6,
+        # float32 rounding of the recomputed forward, relative to this gradient's own scale
+        # (BatchNorm bias gradients are sums over every pixel, some cancelling to ~0)
+        scale = float(np.max(np.abs(np.asarray(g[...]))))
+        np.testing.assert_allclose(flat_r[path][...], g[...], rtol=1e-5, atol=1e-6 + 1e-5 * scale,
                                    err_msg=".".join(map(str, path)))
         if path[-1] in ("kernel", "scale"):
             assert np.any(np.asarray(g[...]) != 0), f"{name}: no gradient reaches {path}"
@@ -160,3 +163,15 @@ def test_batch_zero_forward_and_backward(model):
         assert all(not np.any(np.asarray(v)) for v in jax.tree.leaves(grads)), name
         for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(before)):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_param_dtype_sets_every_parameter(name):
+    """Every model takes param_dtype (as Flax layers do): all parameters, aux heads and the
+    classifiers made by reset_classifier included, are stored in it; BN statistics stay float32."""
+    model = abstract_model(name, num_classes=10, param_dtype=jnp.bfloat16)
+    params = nnx.state(model, nnx.Param)
+    assert {v.dtype for v in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}, name
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))} == {jnp.dtype(jnp.float32)}
+    model.reset_classifier(7)
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}

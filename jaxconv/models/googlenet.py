@@ -124,8 +124,8 @@ class TorchvisionInception(Classifier):
         return transform_input(x) if self.transform_input else x
 
     def _aux_classifier(self, aux, in_features, num_classes, rngs):
-        return Linear(in_features, num_classes, dtype=self.dtype, kernel_init=self._aux_init,
-                      rngs=rngs)
+        return Linear(in_features, num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=self._aux_init, rngs=rngs)
 
 
 class GoogLeNet(TorchvisionInception):
@@ -155,16 +155,18 @@ class GoogLeNet(TorchvisionInception):
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
                  transform_input: bool = False, drop_rate: float = 0.2, global_pool: str = "avg",
-                 in_chans: int = 3, *, dtype=jnp.float32, rngs: nnx.Rngs):
+                 in_chans: int = 3, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         aux_logits = aux_logits and num_classes > 0
-        self.in_chans, self.dtype = in_chans, dtype
+        self.in_chans, self.dtype, self.param_dtype = in_chans, dtype, param_dtype
         self.transform_input = transform_input
         # torch flattens the aux heads' (128, 4, 4) NCHW map; we flatten NHWC (see convert/)
         self.torch_flatten_inputs = ({"aux1.fc1": (128, 4, 4), "aux2.fc1": (128, 4, 4)}
                                      if aux_logits else {})
         self._aux_init = initializers.trunc_normal(0.01, -2.0, 2.0)
-        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=self._aux_init)
-        linear = functools.partial(Linear, dtype=dtype, kernel_init=self._aux_init)
+        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, param_dtype=param_dtype,
+                                 kernel_init=self._aux_init)
+        linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype, kernel_init=self._aux_init)
         inception = functools.partial(Inception, conv=conv, rngs=rngs)
 
         self.conv1 = conv(in_chans, 64, 7, stride=2, padding=3, rngs=rngs)
@@ -191,7 +193,7 @@ class GoogLeNet(TorchvisionInception):
         self._head(1024, num_classes, drop_rate, global_pool, rngs=rngs)
 
     def _classifier(self, num_classes, rngs):
-        return Linear(self.num_features, num_classes, dtype=self.dtype,
+        return Linear(self.num_features, num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                       kernel_init=self._aux_init, rngs=rngs)
 
     @property

@@ -212,14 +212,16 @@ class InceptionV3(TorchvisionInception):
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True,
                  transform_input: bool = False, drop_rate: float = 0.5, global_pool: str = "avg",
-                 in_chans: int = 3, *, dtype=jnp.float32, rngs: nnx.Rngs):
+                 in_chans: int = 3, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         aux_logits = aux_logits and num_classes > 0
-        self.in_chans, self.dtype = in_chans, dtype
+        self.in_chans, self.dtype, self.param_dtype = in_chans, dtype, param_dtype
         self.transform_input = transform_input
         self._w_init = initializers.trunc_normal(0.1, -2.0, 2.0)
         self._aux_init = initializers.trunc_normal(0.001, -2.0, 2.0)
-        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, kernel_init=self._w_init)
-        linear = functools.partial(Linear, dtype=dtype)
+        conv = functools.partial(BasicConv2d, eps=1e-3, dtype=dtype, param_dtype=param_dtype,
+                                 kernel_init=self._w_init)
+        linear = functools.partial(Linear, dtype=dtype, param_dtype=param_dtype)
         blk = dict(conv=conv, rngs=rngs)
 
         self.Conv2d_1a_3x3 = conv(in_chans, 32, 3, stride=2, rngs=rngs)
@@ -246,8 +248,8 @@ class InceptionV3(TorchvisionInception):
         self._head(2048, num_classes, drop_rate, global_pool, rngs=rngs)
 
     def _classifier(self, num_classes, rngs):
-        return Linear(self.num_features, num_classes, dtype=self.dtype, kernel_init=self._w_init,
-                      rngs=rngs)
+        return Linear(self.num_features, num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=self._w_init, rngs=rngs)
 
     @property
     def aux_logits(self) -> bool:

@@ -17,13 +17,15 @@ from jaxconv.nn.pool import AvgPool2d
 
 
 class BasicConv2d(nnx.Module):
-    """conv (no bias) -> BatchNorm -> ReLU, torchvision's BasicConv2d (`conv`, `bn`)."""
+    """conv (no bias) -> BatchNorm -> ReLU, torchvision's BasicConv2d (`conv`, `bn`); `dtype`
+    and `param_dtype` (in `kw`, with the conv's other options) apply to both."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1,
                  eps=1e-5, *, rngs: nnx.Rngs, **kw):
         self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
                            bias=False, rngs=rngs, **kw)
-        self.bn = BatchNorm2d(out_channels, eps=eps)
+        self.bn = BatchNorm2d(out_channels, eps=eps, dtype=kw.get("dtype"),
+                              param_dtype=kw.get("param_dtype", jnp.float32))
 
     def __call__(self, x):
         return jax.nn.relu(self.bn(self.conv(x)))
