@@ -85,6 +85,21 @@ def randomise_torch_bn(module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
+def image_folder(root: Path, train_per_class: int, val_per_class: int, vary_height: bool = False):
+    """An ImageFolder tree root/{train,val}/{cat,dog}/i.jpg of seeded random JPEGs (20x24, or
+    (20+i)x30 with `vary_height`), as `--dataset folder:ROOT` reads it."""
+    import tensorflow as tf
+    rng = np.random.RandomState(0)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                size = (20 + i, 30, 3) if vary_height else (20, 24, 3)
+                img = rng.randint(0, 256, size=size, dtype=np.uint8)
+                (d / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
+
+
 def abstract_model(name: str, **kwargs):
     """The model's structure (shapes only), without running its initialisers."""
     return nnx.eval_shape(lambda: create_model(name, **kwargs))

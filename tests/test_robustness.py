@@ -20,7 +20,7 @@ from jaxconv import nn
 from jaxconv.convert.__main__ import main as convert_main
 from jaxconv.convert.files import atomic_write
 from jaxconv.nn import blocks
-from tests.helpers import nchw, nhwc, registered, resnext_tiny, rngs
+from tests.helpers import image_folder, nchw, nhwc, registered, resnext_tiny, rngs
 from train import input_pipeline
 from train.config import Config
 from train.imagenet import main as train_main
@@ -172,15 +172,7 @@ def test_outputs_are_atomic_and_get_normal_modes(tmp_path):
 # ---------------------------------------------------------------------------- corrupt images
 
 def _folder(tmp_path, corrupt: bool):
-    import tensorflow as tf
-    rng = np.random.RandomState(0)
-    for split, per_class in (("train", 4), ("val", 2)):
-        for cls in ("cat", "dog"):
-            d = tmp_path / split / cls
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.randint(0, 256, size=(20, 24, 3), dtype=np.uint8)
-                (d / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
+    image_folder(tmp_path, 4, 2)
     bad = tmp_path / "train" / "dog" / "1.jpg"
     if corrupt:
         bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")

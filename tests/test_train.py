@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import registered, resnext_tiny
+from tests.helpers import image_folder, registered, resnext_tiny
 from train import input_pipeline
 from train.config import Config
 from train.imagenet import build_parser, main
@@ -203,15 +203,7 @@ def test_imagenet_preprocessing_shapes_and_determinism():
 
 
 def test_folder_and_synthetic_datasets(tmp_path):
-    import tensorflow as tf
-    rng = np.random.RandomState(0)
-    for split, per_class in (("train", 3), ("val", 2)):
-        for cls in ("cat", "dog"):
-            d = tmp_path / split / cls
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.randint(0, 256, size=(20 + i, 30, 3), dtype=np.uint8)
-                (d / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
+    image_folder(tmp_path, 3, 2, vary_height=True)
     data = input_pipeline.create_dataset(f"folder:{tmp_path}", global_batch_size=2,
                                          eval_batch_size=4, image_size=8, seed=1)
     assert (data.num_classes, data.num_train, data.num_eval) == (2, 6, 4)
