@@ -8,8 +8,8 @@ STAMP   = $(VENV)/.installed
 .PHONY: demo test test-slow lint package clean
 
 $(STAMP): pyproject.toml
-	@# the CPU convolution kernel (jaxconv/ops/grouped_cpu.cc) is compiled on first use: a C++
-	@# compiler, installed with apt when there is none and we may (root)
+	@# the CPU convolution engines (jaxconv/ops/*.cc) are compiled on first use: a C++ compiler,
+	@# installed with apt when there is none and we may (root)
 	@command -v $${CXX:-c++} >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	    && apt-get update -qq && apt-get install -y -qq g++; } \
 	    || echo "WARNING: no C++ compiler (install g++ or clang++, or set CXX); CPU convolutions" \
