@@ -86,8 +86,9 @@ def onednn_paths() -> tuple[Path, Path]:
             except metadata.PackageNotFoundError:
                 pass
         libs = sorted(f for f in files if f.name.startswith("libdnnl.so"))
-        headers = [f for f in files if f.as_posix().endswith("oneapi/dnnl/dnnl.hpp")]
-        include = headers[0].parents[2] if headers else None
+        header = "oneapi/dnnl/dnnl.hpp"   # include/<header> inside the devel wheel
+        found = [f.as_posix() for f in files if f.as_posix().endswith(header)]
+        include = Path(found[0].removesuffix(header)) if found else None
     if not libs or include is None or not (include / "oneapi" / "dnnl" / "dnnl.hpp").exists():
         raise RuntimeError("oneDNN not found: install the wheels with `pip install "
                            "'jaxconv[cpu]'` (onednn-cpu-gomp and onednn-devel-cpu-gomp "
