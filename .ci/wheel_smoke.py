@@ -10,7 +10,7 @@ from pathlib import Path
 
 site, wheel = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
 names = zipfile.ZipFile(wheel).namelist()
-for source in ("grouped_cpu.cc", "onednn_conv.cc"):
+for source in ("grouped_cpu.cc", "onednn.cc"):
     assert any(n.endswith(f"jaxconv/ops/{source}") for n in names), f"{source} not in the wheel"
 assert not any(n.startswith(("tests/", "parity_tests/")) for n in names), "tests in the wheel"
 

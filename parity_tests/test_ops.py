@@ -1,5 +1,7 @@
 """jaxconv.ops vs torch.nn.functional: the op grid (forward and gradients), plus the transposed
 conv as the adjoint of conv2d and the connectivity of grouped convs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +111,40 @@ def test_batch_norm_train_forward_mode_and_higher_order_ad():
                 np.testing.assert_allclose(a, w, rtol=1e-9, atol=1e-10, err_msg=k)
         check_grads(lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-3)[0], (x, s, b), order=2,
                     modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 13), (2, 9, 9, 256), (1, 1, 1, 6)])
+def test_batch_norm_train_float32_on_onednn_matches_float64(shape):
+    """float32 on CPU runs oneDNN's batch-norm primitives (the HLO calls them; the 'xla'
+    lowering does not): outputs, statistics, gradients and jvp / vmap of grad against the plain
+    formula's autodiff in float64, on an input whose mean is far from 0."""
+    from jaxconv import config
+    rng = np.random.default_rng(2)
+    x, g = (rng.standard_normal(shape) * 3 + 5, rng.standard_normal(shape))
+    s, b = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+
+    def outputs(bn, x, s, b):
+        def loss(x, s, b):
+            y, mean, var = bn(x, s, b, 1e-3)
+            return jnp.sum(y * g), (y, mean, var)
+        (_, fwd), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(x, s, b)
+        jvp = jax.jvp(lambda x: bn(x, s, b, 1e-3)[0], (x,), (g,))[1]
+        vmapped = jax.vmap(jax.grad(lambda x: loss(x, s, b)[0]))(jnp.stack([x, 2 * x]))
+        return (*fwd, *grads, jvp, vmapped)
+
+    with jax.enable_x64(True):
+        want = outputs(_plain_batch_norm, *(jnp.asarray(a, jnp.float64) for a in (x, s, b)))
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, s, b)]
+    got = jax.jit(functools.partial(outputs, ops.batch_norm_train))(*f32)
+    hlo = jax.jit(jax.grad(lambda x: ops.batch_norm_train(x, *f32[1:])[0].sum())).lower(f32[0]).as_text()
+    assert "jaxconv_onednn_norm_fwd" in hlo and "jaxconv_onednn_norm_bwd" in hlo
+    with config.use_conv_lowering("xla"):
+        hlo = jax.jit(lambda x: ops.batch_norm_train(x, *f32[1:])[0]).lower(f32[0]).as_text()
+    assert "jaxconv_onednn" not in hlo
+    names = ("y", "mean", "var", "dx", "dscale", "dbias", "jvp", "vmap_grad")
+    for name, a, w in zip(names, got, want, strict=True):
+        w = np.asarray(w)
+        np.testing.assert_allclose(a, w, rtol=0, atol=2e-5 * max(1.0, np.abs(w).max()), err_msg=name)
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1),

@@ -143,7 +143,7 @@ def _kernel(a, b, *, op, geo, in_hw):
 
 
 def _onednn(a, b, *, op, geo, in_hw):
-    """oneDNN's convolution primitives (onednn_conv.cc): forward, backward data, backward
+    """oneDNN's convolution primitives (onednn.cc): forward, backward data, backward
     weights, on NHWC / HWIO memory as it is (no layout copies of the activations)."""
     shape = jax.ShapeDtypeStruct(_out_shape(a.shape, b.shape, op, geo, in_hw), a.dtype)
     (pt, pb), (pl, pr) = geo.pads

@@ -1,8 +1,8 @@
 """The CPU convolution engines' native code, built on first use and registered with the XLA FFI.
 
 Two C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution,
-engine "kernel") and ``onednn_conv.cc`` (an FFI front end to oneDNN's convolution primitives,
-engine "onednn"). Each is compiled once per machine with the system C++ compiler (``$CXX``, else
+engine "kernel") and ``onednn.cc`` (an FFI front end to oneDNN's convolution and training-mode
+batch-norm primitives, engine "onednn"). Each is compiled once per machine with the system C++ compiler (``$CXX``, else
 ``c++``) against the FFI headers that ship with jaxlib, into ``$JAXCONV_CACHE_DIR`` (default
 ``~/.cache/jaxconv/kernels``), keyed by a hash of the source, flags, compiler, jax version, CPU
 features and (oneDNN) the library's path; later processes load the cached library.
@@ -43,8 +43,10 @@ LIBRARIES = {
     "kernel": Library("grouped_cpu.cc", {"jaxconv_grouped_conv": "JaxconvGroupedConv",
                                          "jaxconv_grouped_conv_wgrad": "JaxconvGroupedConvWgrad"},
                       "jaxconv's CPU convolution kernel"),
-    "onednn": Library("onednn_conv.cc", {"jaxconv_onednn_conv": "JaxconvOnednnConv"},
-                      "the oneDNN convolution engine"),
+    "onednn": Library("onednn.cc", {"jaxconv_onednn_conv": "JaxconvOnednnConv",
+                                    "jaxconv_onednn_norm_fwd": "JaxconvOnednnNormForward",
+                                    "jaxconv_onednn_norm_bwd": "JaxconvOnednnNormBackward"},
+                      "the oneDNN engine"),
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # every FFI target of this package (jax.export needs them named: see ops.lowering.EXPORT_CHECKS)

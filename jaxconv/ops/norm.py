@@ -1,11 +1,17 @@
 """Training-mode batch normalisation over NHWC's channel axis, with torch's backward.
 
 `batch_norm_train(x, scale, bias, eps)` returns the normalised output and the batch mean and
-(biased) variance, reduced over N, H, W in float32. Autodiff of the plain formula makes XLA
-materialise the centred input and reduce several times in the backward pass; here the output's
-tangent is `tangent_p`, a primitive linear in the tangents whose transpose is the usual closed
-form (two per-channel sums, one elementwise pass: what torch computes), so reverse mode keeps
-only x, the statistics and the scale, and jvp, jacfwd, hessian, grad of grad and vmap all work.
+(biased) variance, reduced over N, H, W in float32. Three primitives:
+
+    forward_p   (x, scale, bias) -> (y, mean, var)
+    tangent_p   the tangent map dy of (dx, dscale, dbias), linear in those
+    backward_p  its transpose (x, mean, var, scale, ct) -> (dx, dscale, dbias): the usual closed
+                form (two per-channel sums, one elementwise pass: what torch computes)
+
+so reverse mode keeps only x, the statistics and the scale, and jvp, jacfwd, hessian, grad of
+grad and vmap all work. On CPU, float32 NHWC, forward_p and backward_p are oneDNN's batch-norm
+primitives (multi-threaded; XLA:CPU runs a fusion on one thread) unless the conv lowering is
+'xla' or oneDNN is missing; elsewhere, and for their derivatives, the formulas below.
 """
 from __future__ import annotations
 
@@ -13,33 +19,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from jaxconv import config
+from jaxconv.ops import native
 
-def _stats(x, axes):
-    mean = jnp.mean(x, axes, keepdims=True)
-    return mean, jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _bn(x, scale, bias, eps):
-    mean, var = _stats(x, (0, 1, 2))
-    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
-
-
-@_bn.defjvp
-def _bn_jvp(eps, primals, tangents):
-    x, scale, bias = primals
-    dx, dscale, dbias = tangents
-    axes = (0, 1, 2)
-    mean, var = _stats(x, axes)
-    rstd = jax.lax.rsqrt(var + eps)
-    y = (x - mean) * (rstd * scale) + bias
-    dmean = jnp.mean(dx, axes, keepdims=True)
-    dvar = 2 * jnp.mean((x - mean) * (dx - dmean), axes, keepdims=True)
-    dy = tangent_p.bind(x, mean, rstd, scale, dx, dscale, dbias, axes=axes)
-    return (y, mean, var), (dy, dmean, dvar)
+AXES = (0, 1, 2)   # N, H, W of NHWC
 
 
 def batch_norm_train(x, scale=None, bias=None, eps: float = 1e-5):
@@ -49,59 +36,121 @@ def batch_norm_train(x, scale=None, bias=None, eps: float = 1e-5):
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     scale = jnp.ones((c,), x.dtype) if scale is None else scale.astype(x.dtype)
     bias = jnp.zeros((c,), x.dtype) if bias is None else bias.astype(x.dtype)
-    y, mean, var = _bn(x, scale.reshape(1, 1, 1, c), bias.reshape(1, 1, 1, c), float(eps))
+    y, mean, var = forward_p.bind(x, scale.reshape(1, 1, 1, c), bias.reshape(1, 1, 1, c),
+                                  axes=AXES, eps=float(eps), lowering=config.conv_lowering)
     return y, mean.reshape(c), var.reshape(c)
 
 
-# ---------------------------------------------------------------------------------------------
-# The tangent map dy = (dx - mean(dx) - xhat * mean(dx * xhat)) * rstd * scale + xhat * dscale
-# + dbias, xhat = (x - mean) * rstd, as a primitive linear in (dx, dscale, dbias); per-channel
-# operands keep the reduced axes as size 1.
+# ------------------------------------------------------------------------------- the formulas
+# Per-channel operands keep the reduced axes as size 1.
 
-tangent_p = Primitive("jaxconv_batch_norm_tangent")
+def _forward(x, scale, bias, *, axes, eps, lowering=None):
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
 
 
-def _tangent_impl(x, mean, rstd, scale, dx, dscale, dbias, *, axes):
+def _tangent(x, mean, var, scale, dx, dscale, dbias, *, axes, eps, lowering=None):
+    """dy = (dx - mean(dx) - xhat mean(dx xhat)) rstd scale + xhat dscale + dbias."""
+    rstd = jax.lax.rsqrt(var + eps)
     xhat = (x - mean) * rstd
     centred = dx - jnp.mean(dx, axes, keepdims=True)
     proj = jnp.mean(dx * xhat, axes, keepdims=True)
     return (centred - xhat * proj) * (rstd * scale) + xhat * dscale + dbias
 
 
-def _tangent_transpose(ct, x, mean, rstd, scale, dx, dscale, dbias, *, axes):
-    if any(ad.is_undefined_primal(p) for p in (x, mean, rstd, scale)):
-        raise ValueError("batch_norm's tangent map is linear in its tangents only")
-    linear = [ad.is_undefined_primal(t) for t in (dx, dscale, dbias)]
-    if type(ct) is ad.Zero:
-        return [None] * 4 + [ad.Zero(t.aval) if lin else None
-                             for t, lin in zip((dx, dscale, dbias), linear)]
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
+def _backward(x, mean, var, scale, ct, *, axes, eps, lowering=None):
+    """The tangent map's transpose at cotangent `ct`: (dx, dscale, dbias)."""
+    n = np.prod([x.shape[a] for a in axes])
+    rstd = jax.lax.rsqrt(var + eps)
     xhat = (x - mean) * rstd
     sum_ct = jnp.sum(ct, axes, keepdims=True)
     sum_ct_xhat = jnp.sum(ct * xhat, axes, keepdims=True)
-    grads = (((ct - sum_ct / n) - xhat * (sum_ct_xhat / n)) * (rstd * scale),
-             sum_ct_xhat, sum_ct)
+    return ((ct - sum_ct / n - xhat * (sum_ct_xhat / n)) * (rstd * scale), sum_ct_xhat, sum_ct)
+
+
+# ------------------------------------------------------------------------------ the primitives
+
+def _primitive(name, formula, multiple_results=True):
+    """A primitive computed by `formula` (its abstract evaluation, eager evaluation, lowering
+    off CPU, JVP and vmap all come from it)."""
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+
+    def abstract(*avals, **params):
+        out = jax.eval_shape(functools.partial(formula, **params), *avals)
+        return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
+
+    def batch(args, dims, *, axes, **params):
+        """vmap: the mapped axis in front of every operand; the reduced axes move up by one."""
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+        out = p.bind(*args, axes=tuple(a + 1 for a in axes), **params)
+        return out, [0] * len(out) if multiple_results else 0
+
+    def jvp(primals, tangents, **params):
+        tangents = tuple(jnp.zeros(v.shape, v.dtype) if type(t) is ad.Zero else t
+                         for v, t in zip(primals, tangents))
+        return jax.jvp(functools.partial(formula, **params), tuple(primals), tangents)
+
+    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
+    p.def_abstract_eval(abstract)
+    p.def_impl(lambda *args, **params: compiled(**params)(*args))
+    mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
+    batching.primitive_batchers[p] = batch
+    ad.primitive_jvps[p] = jvp
+    return p
+
+
+def _onednn(x, axes, lowering) -> bool:
+    """Whether oneDNN computes a batch norm of `x` over `axes` (float32 NHWC, not empty)."""
+    return (axes == AXES and x.dtype == np.float32 and 0 not in x.shape
+            and lowering != "xla" and native.available("onednn"))
+
+
+def _cpu_lowering(target, formula):
+    def lower(ctx, *args, axes, eps, lowering):
+        x = ctx.avals_in[0]
+        if _onednn(x, axes, lowering):
+            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
+            fn = lambda *a: jax.ffi.ffi_call(target, shapes)(*a, eps=np.float32(eps))  # noqa: E731
+        else:
+            fn = functools.partial(formula, axes=axes, eps=eps)
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    return lower
+
+
+forward_p = _primitive("jaxconv_batch_norm", _forward)
+backward_p = _primitive("jaxconv_batch_norm_backward", _backward)
+tangent_p = _primitive("jaxconv_batch_norm_tangent", _tangent, multiple_results=False)
+mlir.register_lowering(forward_p, _cpu_lowering("jaxconv_onednn_norm_fwd", _forward),
+                       platform="cpu")
+mlir.register_lowering(backward_p, _cpu_lowering("jaxconv_onednn_norm_bwd", _backward),
+                       platform="cpu")
+
+
+def _forward_jvp(primals, tangents, *, axes, eps, lowering):
+    x, scale, bias = primals
+    dx, dscale, dbias = (jnp.zeros(v.shape, v.dtype) if type(t) is ad.Zero else t
+                         for v, t in zip(primals, tangents))
+    y, mean, var = forward_p.bind(x, scale, bias, axes=axes, eps=eps, lowering=lowering)
+    dmean = jnp.mean(dx, axes, keepdims=True)
+    dvar = 2 * jnp.mean((x - mean) * (dx - dmean), axes, keepdims=True)
+    dy = tangent_p.bind(x, mean, var, scale, dx, dscale, dbias, axes=axes, eps=eps,
+                        lowering=lowering)
+    return (y, mean, var), (dy, dmean, dvar)
+
+
+def _tangent_transpose(ct, x, mean, var, scale, dx, dscale, dbias, **params):
+    if any(ad.is_undefined_primal(p) for p in (x, mean, var, scale)):
+        raise ValueError("batch_norm's tangent map is linear in its tangents only")
+    linear = [ad.is_undefined_primal(t) for t in (dx, dscale, dbias)]
+    if type(ct) is ad.Zero:
+        grads = [ad.Zero(t.aval) for t in (dx, dscale, dbias)]
+    else:
+        grads = backward_p.bind(x, mean, var, scale, ct, **params)
     return [None] * 4 + [g if lin else None for g, lin in zip(grads, linear)]
 
 
-def _tangent_jvp(primals, tangents, *, axes):
-    tangents = tuple(jnp.zeros(p.shape, p.dtype) if type(t) is ad.Zero else t
-                     for p, t in zip(primals, tangents))
-    return jax.jvp(functools.partial(_tangent_impl, axes=axes), primals, tangents)
-
-
-def _tangent_batch(args, dims, *, axes):
-    """vmap: the mapped axis in front of every operand; the reduced axes move up by one."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-    return tangent_p.bind(*args, axes=tuple(a + 1 for a in axes)), 0
-
-
-tangent_p.def_impl(_tangent_impl)
-tangent_p.def_abstract_eval(lambda x, *args, axes: jax.core.ShapedArray(x.shape, x.dtype))
-mlir.register_lowering(tangent_p, mlir.lower_fun(_tangent_impl, multiple_results=False))
+ad.primitive_jvps[forward_p] = _forward_jvp
 ad.primitive_transposes[tangent_p] = _tangent_transpose
-ad.primitive_jvps[tangent_p] = _tangent_jvp
-batching.primitive_batchers[tangent_p] = _tangent_batch

@@ -1,7 +1,8 @@
-// oneDNN's convolution primitives for XLA:CPU, called through the XLA FFI (engine "onednn";
-// jaxconv.ops.native builds this file against the oneDNN wheels, jaxconv.ops.cpu_conv calls it).
+// oneDNN's convolution and batch-normalisation primitives for XLA:CPU, called through the XLA
+// FFI (engine "onednn"; jaxconv.ops.native builds this file against the oneDNN wheels,
+// jaxconv.ops.cpu_conv and jaxconv.ops.norm call it).
 //
-// One handler computes one pass of a 2-D convolution on the buffers as XLA lays them out:
+// Convolution: one handler computes one pass of a 2-D convolution on the buffers as XLA lays them out:
 //   op 0  forward           a = x (N, H, W, C_in), b = w (KH, KW, C_in/G, C_out) -> y (N, Ho, Wo, C_out)
 //   op 1  backward data     a = gy,                b = w                       -> gx (N, H, W, C_in)
 //   op 2  backward weights  a = x,                 b = gy                      -> gw (KH, KW, C_in/G, C_out)
@@ -13,6 +14,11 @@
 // channels a group on AVX2, a stride-1 forward is computed as the backward-data pass of the
 // transposed problem (flipped kernel, channels swapped per group), which has a direct kernel.
 //
+// Batch normalisation in training: forward (x, scale, shift) -> (y, batch mean, biased variance)
+// and backward (x, mean, variance, scale, dy) -> (dx, dscale, dshift), over the N, H, W axes of
+// nhwc x; torch's kernels (two passes over x, then one over x and dy), multi-threaded, where
+// XLA:CPU runs its fusions on one thread.
+//
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
 // primitive is thread-safe); scratchpads are per calling thread. oneDNN's OpenMP threads are
 // set to XLA's intra-op thread count before each call. float32 only (the caller computes bf16
@@ -20,10 +26,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -135,12 +143,15 @@ void flip_kernel(const Shape& s, const float* w, float* t) {
     }
 }
 
-const Entry& lookup(const Shape& s) {
+// The primitive (or whatever `make` builds) for `key`, built once: one cache per call site.
+template <class Make>
+const auto& cached(const std::string& key, Make make) {
+  using T = decltype(make());
   static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<Entry>> cache;
+  static std::unordered_map<std::string, std::unique_ptr<T>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[s.key()];
-  if (!slot) slot = std::make_unique<Entry>(make(s));
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_unique<T>(make());
   return *slot;
 }
 
@@ -170,7 +181,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   s.pb = (s.ho - 1) * sh + (s.kh - 1) * dh + 1 - s.h - pt;
   s.pr = (s.wo - 1) * sw + (s.kw - 1) * dw + 1 - s.w - pl;
   try {
-    const Entry& e = lookup(s);
+    const Entry& e = cached(s.key(), [&] { return make(s); });
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf, weights_buf, flip_buf;
     dnnl::stream stream(engine());
@@ -212,6 +223,87 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------ batch normalisation
+
+struct Norm {
+  dnnl::primitive prim;
+  size_t scratch;
+};
+
+// Training-mode batch norm over (N, H, W) of nhwc (n, h, w, c), with scale and shift; pass 0
+// the forward (statistics computed), 1 the backward (dx, dscale, dshift).
+Norm make_norm(int pass, int64_t n, int64_t h, int64_t w, int64_t c, float eps) {
+  memory::desc x({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
+  dnnl::batch_normalization_forward::primitive_desc fwd(
+      engine(), dnnl::prop_kind::forward_training, x, x, eps, flags, attr);
+  if (pass == 0) return {dnnl::batch_normalization_forward(fwd), fwd.scratchpad_desc().get_size()};
+  dnnl::batch_normalization_backward::primitive_desc bwd(
+      engine(), dnnl::prop_kind::backward, x, x, x, eps, flags, fwd, attr);
+  return {dnnl::batch_normalization_backward(bwd), bwd.scratchpad_desc().get_size()};
+}
+
+// args: (oneDNN argument, buffer) pairs, x first; activations nhwc, the rest C floats
+ffi::Error Normalise(ffi::ThreadPool pool, int pass, float eps,
+                     std::initializer_list<std::pair<int, ffi::AnyBuffer*>> args) {
+  for (auto& [arg, buf] : args)
+    if (buf->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: float32 only");
+  auto d = args.begin()->second->dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: 4-D x");
+  int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  std::string key(sizeof(int64_t) * 4 + sizeof(float) + 1, '\0');
+  int64_t dims[4] = {n, h, w, c};
+  std::memcpy(key.data(), dims, sizeof(dims));
+  std::memcpy(key.data() + sizeof(dims), &eps, sizeof(eps));
+  key.back() = static_cast<char>(pass);
+  try {
+    const Norm& e = cached(key, [&] { return make_norm(pass, n, h, w, c, eps); });
+    omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
+    thread_local std::vector<float> scratch_buf;
+    memory::desc act({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+    memory::desc vec({c}, memory::data_type::f32, tag::x);
+    std::unordered_map<int, memory> mems;
+    for (auto& [arg, buf] : args) {
+      bool activation = arg == DNNL_ARG_SRC || arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_DST ||
+                        arg == DNNL_ARG_DIFF_SRC;
+      mems.emplace(arg, memory(activation ? act : vec, engine(), buf->untyped_data()));
+    }
+    mems.emplace(DNNL_ARG_SCRATCHPAD,
+                 memory(memory::desc({static_cast<memory::dim>(e.scratch)},
+                                     memory::data_type::u8, tag::x),
+                        engine(), buffer(scratch_buf, e.scratch)));
+    dnnl::stream stream(engine());
+    e.prim.execute(stream, mems);
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("jaxconv oneDNN batch norm: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                       float eps) {
+  return Normalise(pool, 0, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_SCALE, &scale},
+                                  {DNNL_ARG_SHIFT, &shift}, {DNNL_ARG_DST, &*y},
+                                  {DNNL_ARG_MEAN, &*mean}, {DNNL_ARG_VARIANCE, &*var}});
+}
+
+ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mean,
+                        ffi::AnyBuffer var, ffi::AnyBuffer scale, ffi::AnyBuffer dy,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
+                        ffi::Result<ffi::AnyBuffer> dshift, float eps) {
+  return Normalise(pool, 1, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_MEAN, &mean},
+                                  {DNNL_ARG_VARIANCE, &var}, {DNNL_ARG_SCALE, &scale},
+                                  {DNNL_ARG_DIFF_DST, &dy}, {DNNL_ARG_DIFF_SRC, &*dx},
+                                  {DNNL_ARG_DIFF_SCALE, &*dscale},
+                                  {DNNL_ARG_DIFF_SHIFT, &*dshift}});
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Impl,
@@ -230,3 +322,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Impl,
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("pr")
                                   .Attr<int64_t>("groups"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormForward, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormBackward, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
