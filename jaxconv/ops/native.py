@@ -1,9 +1,10 @@
 """The CPU convolution engines' native code, built on first use and registered with the XLA FFI.
 
 Two C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution,
-engine "kernel") and ``onednn.cc`` (an FFI front end to oneDNN's convolution and training-mode
-batch-norm primitives, engine "onednn"). Each is compiled once per machine with the system C++ compiler (``$CXX``, else
-``c++``) against the FFI headers that ship with jaxlib, into ``$JAXCONV_CACHE_DIR`` (default
+engine "kernel") and ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
+backward primitives, engine "onednn"). Each is compiled once per machine with the system C++
+compiler (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, into
+``$JAXCONV_CACHE_DIR`` (default
 ``~/.cache/jaxconv/kernels``), keyed by a hash of the source, flags, compiler, jax version, CPU
 features and (oneDNN) the library's path; later processes load the cached library.
 
@@ -44,7 +45,6 @@ LIBRARIES = {
                                          "jaxconv_grouped_conv_wgrad": "JaxconvGroupedConvWgrad"},
                       "jaxconv's CPU convolution kernel"),
     "onednn": Library("onednn.cc", {"jaxconv_onednn_conv": "JaxconvOnednnConv",
-                                    "jaxconv_onednn_norm_fwd": "JaxconvOnednnNormForward",
                                     "jaxconv_onednn_norm_bwd": "JaxconvOnednnNormBackward"},
                       "the oneDNN engine"),
 }

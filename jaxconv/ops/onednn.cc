@@ -14,10 +14,9 @@
 // channels a group on AVX2, a stride-1 forward is computed as the backward-data pass of the
 // transposed problem (flipped kernel, channels swapped per group), which has a direct kernel.
 //
-// Batch normalisation in training: forward (x, scale, shift) -> (y, batch mean, biased variance)
-// and backward (x, mean, variance, scale, dy) -> (dx, dscale, dshift), over the N, H, W axes of
-// nhwc x; torch's kernels (two passes over x, then one over x and dy), multi-threaded, where
-// XLA:CPU runs its fusions on one thread.
+// Batch normalisation in training, backward: (x, mean, variance, scale, dy) -> (dx, dscale,
+// dshift) over the N, H, W axes of nhwc x, multi-threaded where XLA:CPU runs its fusions on one
+// thread (the forward stays XLA's: see jaxconv/ops/norm.py).
 //
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
 // primitive is thread-safe); scratchpads are per calling thread. oneDNN's OpenMP threads are
@@ -230,23 +229,22 @@ struct Norm {
   size_t scratch;
 };
 
-// Training-mode batch norm over (N, H, W) of nhwc (n, h, w, c), with scale and shift; pass 0
-// the forward (statistics computed), 1 the backward (dx, dscale, dshift).
-Norm make_norm(int pass, int64_t n, int64_t h, int64_t w, int64_t c, float eps) {
+// The backward (dx, dscale, dshift) of training-mode batch norm over (N, H, W) of nhwc
+// (n, h, w, c) with scale and shift (the forward's descriptor is its required hint).
+Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps) {
   memory::desc x({n, c, h, w}, memory::data_type::f32, tag::nhwc);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
   dnnl::batch_normalization_forward::primitive_desc fwd(
       engine(), dnnl::prop_kind::forward_training, x, x, eps, flags, attr);
-  if (pass == 0) return {dnnl::batch_normalization_forward(fwd), fwd.scratchpad_desc().get_size()};
   dnnl::batch_normalization_backward::primitive_desc bwd(
       engine(), dnnl::prop_kind::backward, x, x, x, eps, flags, fwd, attr);
   return {dnnl::batch_normalization_backward(bwd), bwd.scratchpad_desc().get_size()};
 }
 
 // args: (oneDNN argument, buffer) pairs, x first; activations nhwc, the rest C floats
-ffi::Error Normalise(ffi::ThreadPool pool, int pass, float eps,
+ffi::Error Normalise(ffi::ThreadPool pool, float eps,
                      std::initializer_list<std::pair<int, ffi::AnyBuffer*>> args) {
   for (auto& [arg, buf] : args)
     if (buf->element_type() != ffi::DataType::F32)
@@ -254,13 +252,12 @@ ffi::Error Normalise(ffi::ThreadPool pool, int pass, float eps,
   auto d = args.begin()->second->dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: 4-D x");
   int64_t n = d[0], h = d[1], w = d[2], c = d[3];
-  std::string key(sizeof(int64_t) * 4 + sizeof(float) + 1, '\0');
+  std::string key(sizeof(int64_t) * 4 + sizeof(float), '\0');
   int64_t dims[4] = {n, h, w, c};
   std::memcpy(key.data(), dims, sizeof(dims));
   std::memcpy(key.data() + sizeof(dims), &eps, sizeof(eps));
-  key.back() = static_cast<char>(pass);
   try {
-    const Norm& e = cached(key, [&] { return make_norm(pass, n, h, w, c, eps); });
+    const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps); });
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf;
     memory::desc act({n, c, h, w}, memory::data_type::f32, tag::nhwc);
@@ -284,20 +281,11 @@ ffi::Error Normalise(ffi::ThreadPool pool, int pass, float eps,
   return ffi::Error::Success();
 }
 
-ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                       ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
-                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
-                       float eps) {
-  return Normalise(pool, 0, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_SCALE, &scale},
-                                  {DNNL_ARG_SHIFT, &shift}, {DNNL_ARG_DST, &*y},
-                                  {DNNL_ARG_MEAN, &*mean}, {DNNL_ARG_VARIANCE, &*var}});
-}
-
 ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer mean,
                         ffi::AnyBuffer var, ffi::AnyBuffer scale, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
                         ffi::Result<ffi::AnyBuffer> dshift, float eps) {
-  return Normalise(pool, 1, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_MEAN, &mean},
+  return Normalise(pool, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_MEAN, &mean},
                                   {DNNL_ARG_VARIANCE, &var}, {DNNL_ARG_SCALE, &scale},
                                   {DNNL_ARG_DIFF_DST, &dy}, {DNNL_ARG_DIFF_SRC, &*dx},
                                   {DNNL_ARG_DIFF_SCALE, &*dscale},
@@ -322,17 +310,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnConv, Impl,
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("pr")
                                   .Attr<int64_t>("groups"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormForward, NormForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("eps"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormBackward, NormBackward,
                               ffi::Ffi::Bind()
