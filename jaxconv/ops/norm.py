@@ -112,23 +112,20 @@ def _onednn(x, axes, lowering) -> bool:
             and lowering != "xla" and native.available("onednn"))
 
 
-def _cpu_lowering(target, formula):
-    def lower(ctx, *args, axes, eps, lowering):
-        x = ctx.avals_in[0]
-        if _onednn(x, axes, lowering):
-            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
-            fn = lambda *a: jax.ffi.ffi_call(target, shapes)(*a, eps=np.float32(eps))  # noqa: E731
-        else:
-            fn = functools.partial(formula, axes=axes, eps=eps)
-        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
-    return lower
+def _backward_on_cpu(ctx, *args, axes, eps, lowering):
+    """backward_p on CPU: oneDNN's batch-norm backward where `_onednn` says so, else the formula."""
+    if _onednn(ctx.avals_in[0], axes, lowering):
+        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
+        fn = lambda *a: jax.ffi.ffi_call("jaxconv_onednn_norm_bwd", shapes)(*a, eps=np.float32(eps))  # noqa: E731
+    else:
+        fn = functools.partial(_backward, axes=axes, eps=eps)
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
 forward_p = _primitive("jaxconv_batch_norm", _forward)
 backward_p = _primitive("jaxconv_batch_norm_backward", _backward)
 tangent_p = _primitive("jaxconv_batch_norm_tangent", _tangent, multiple_results=False)
-mlir.register_lowering(backward_p, _cpu_lowering("jaxconv_onednn_norm_bwd", _backward),
-                       platform="cpu")
+mlir.register_lowering(backward_p, _backward_on_cpu, platform="cpu")
 
 
 def _forward_jvp(primals, tangents, *, axes, eps, lowering):
