@@ -4,9 +4,9 @@ Two C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct 
 engine "kernel") and ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
 backward primitives, engine "onednn"). Each is compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, into
-``$JAXCONV_CACHE_DIR`` (default
-``~/.cache/jaxconv/kernels``), keyed by a hash of the source, flags, compiler, jax version, CPU
-features and (oneDNN) the library's path; later processes load the cached library.
+``$JAXCONV_CACHE_DIR`` (default ``~/.cache/jaxconv/kernels``), keyed by a hash of the source,
+flags, compiler, jax version, CPU features and (oneDNN) the library's path; later processes load
+the cached library.
 
 oneDNN comes from the PyPI wheels ``onednn-cpu-gomp`` (libdnnl.so) and ``onednn-devel-cpu-gomp``
 (headers), i.e. ``pip install jaxconv[cpu]``, or from ``$JAXCONV_ONEDNN_ROOT`` (a prefix with
