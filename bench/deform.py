@@ -1,10 +1,11 @@
 """Deformable convolution: jaxconv.ops.deform_conv2d vs torch_ref.deform.deform_conv2d, side by side.
 
-    python -m bench deform [--repeats 5] [--no-mask] [--batch 8] [--threads N] [--shapes 0,1,2]
+    python -m bench deform [--repeats 5] [--no-mask] [--batch 8] [--threads N] [--shapes 0,1,...]
 
-For DCN layer shapes (3x3, padding 1, batch 8): forward, and forward + backward (gradients
-with respect to x, offset, mask, weight and bias), min and median wall time over `repeats`
-runs after one warm-up run. jaxconv is jitted and timed with jax.block_until_ready; torch runs
+For DCN layer shapes (3x3, padding 1, batch 8; the last six are resnext50_32x4d_dcn's grouped
+ones): forward, and forward + backward (gradients with respect to x, offset, mask, weight and
+bias), min and median wall time over `repeats` runs after one warm-up run, the two libraries
+interleaved run by run. jaxconv is jitted and timed with jax.block_until_ready; torch runs
 eagerly with torch.set_num_threads(threads) (default: all cores, what XLA's CPU client uses).
 ratio = jaxconv / torch_ref (below 1: jaxconv is faster). The 1-minute load average before and
 after is printed: other processes on the machine skew both columns.
@@ -19,24 +20,34 @@ import time
 
 import numpy as np
 
-SHAPES = [  # (C_in, C_out, H = W)
-    (64, 256, 56),
-    (256, 256, 28),
-    (512, 512, 14),
+SHAPES = [  # (C_in, C_out, H = W of the input, stride, groups)
+    (64, 256, 56, 1, 1),
+    (256, 256, 28, 1, 1),
+    (512, 512, 14, 1, 1),
+    # the deformable 3x3s of resnext50_32x4d_dcn (stages 2-4: first block strided)
+    (256, 256, 56, 2, 32),
+    (256, 256, 28, 1, 32),
+    (512, 512, 28, 2, 32),
+    (512, 512, 14, 1, 32),
+    (1024, 1024, 14, 2, 32),
+    (1024, 1024, 7, 1, 32),
 ]
 
 
-def _time(fn, repeats):
-    fn()  # warm-up (and compilation for jax)
-    times = []
+def _time(fns, repeats):
+    """(min, median) seconds of each of `fns`, run interleaved after one warm-up call each."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm-up (and compilation for jax)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return [(min(ts), statistics.median(ts)) for ts in times]
 
 
-def _jax_fns(x, offset, weight, bias, mask):
+def _jax_fns(x, offset, weight, bias, mask, stride):
     import jax
     import jax.numpy as jnp
 
@@ -44,7 +55,7 @@ def _jax_fns(x, offset, weight, bias, mask):
 
     args = tuple(jnp.asarray(a) for a in (x, offset, weight, bias))
     mask = None if mask is None else jnp.asarray(mask)
-    fwd = jax.jit(lambda x, o, w, b, m: deform_conv2d(x, o, w, b, padding=1, mask=m))
+    fwd = jax.jit(lambda x, o, w, b, m: deform_conv2d(x, o, w, b, stride=stride, padding=1, mask=m))
     g_out = jnp.ones(jax.eval_shape(fwd, *args, mask).shape, jnp.float32)
     argnums = (0, 1, 2, 3) if mask is None else (0, 1, 2, 3, 4)
     grad = jax.jit(jax.grad(lambda *a: jnp.sum(fwd(*a) * g_out), argnums=argnums))
@@ -52,7 +63,7 @@ def _jax_fns(x, offset, weight, bias, mask):
             lambda: jax.block_until_ready(grad(*args, mask)))
 
 
-def _torch_fns(x, offset, weight, bias, mask):
+def _torch_fns(x, offset, weight, bias, mask, stride):
     import torch
 
     from torch_ref.deform import deform_conv2d
@@ -63,7 +74,7 @@ def _torch_fns(x, offset, weight, bias, mask):
 
     def fwd():
         with torch.no_grad():
-            deform_conv2d(ts[0], ts[1], ts[2], ts[3], 1, 1, 1, ts[4])
+            deform_conv2d(ts[0], ts[1], ts[2], ts[3], stride, 1, 1, ts[4])
 
     leaves = [t.clone().requires_grad_() for t in ts if t is not None]
     g_out = None
@@ -73,7 +84,7 @@ def _torch_fns(x, offset, weight, bias, mask):
         for t in leaves:
             t.grad = None
         a = leaves + [None] * (5 - len(leaves))
-        out = deform_conv2d(a[0], a[1], a[2], a[3], 1, 1, 1, a[4])
+        out = deform_conv2d(a[0], a[1], a[2], a[3], stride, 1, 1, a[4])
         g_out = torch.ones_like(out) if g_out is None else g_out
         out.backward(g_out)
 
@@ -100,27 +111,29 @@ def main(argv=None):
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); load before {os.getloadavg()[0]:.2f}")
-    header = ("| C_in->C_out, HxW | jaxconv fwd ms (min / med) | torch_ref fwd ms | fwd ratio "
+    header = ("| C_in->C_out, HxW, stride, groups | jaxconv fwd ms (min / med) | torch_ref fwd ms | fwd ratio "
               "| jaxconv fwd+bwd ms | torch_ref fwd+bwd ms | fwd+bwd ratio |")
     print(header)
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for i in map(int, args.shapes.split(",")):
-        cin, cout, hw = SHAPES[i]
-        n, k = args.batch, 9
+        cin, cout, hw, stride, groups = SHAPES[i]
+        n, k, ho = args.batch, 9, (hw - 1) // stride + 1
         x = rng.standard_normal((n, hw, hw, cin), np.float32)
-        offset = (2 * rng.standard_normal((n, hw, hw, 2 * k))).astype(np.float32)
-        weight = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+        offset = (2 * rng.standard_normal((n, ho, ho, 2 * k))).astype(np.float32)
+        weight = (rng.standard_normal((3, 3, cin // groups, cout))
+                  / np.sqrt(9 * cin / groups)).astype(np.float32)
         bias = rng.standard_normal(cout).astype(np.float32)
-        mask = None if args.no_mask else rng.uniform(0, 1, (n, hw, hw, k)).astype(np.float32)
-        jf, jb = _jax_fns(x, offset, weight, bias, mask)
-        tf, tb = _torch_fns(x, offset, weight, bias, mask)
+        mask = None if args.no_mask else rng.uniform(0, 1, (n, ho, ho, k)).astype(np.float32)
+        jf, jb = _jax_fns(x, offset, weight, bias, mask, stride)
+        tf, tb = _torch_fns(x, offset, weight, bias, mask, stride)
         row = []
         for jfn, tfn in ((jf, tf), (jb, tb)):
-            (jmin, jmed), (tmin, tmed) = _time(jfn, args.repeats), _time(tfn, args.repeats)
+            (jmin, jmed), (tmin, tmed) = _time((jfn, tfn), args.repeats)
             row += [f"{1e3 * jmin:.0f} / {1e3 * jmed:.0f}", f"{1e3 * tmin:.0f} / {1e3 * tmed:.0f}",
                     f"{jmin / tmin:.2f}"]
-        print(f"| {cin}->{cout}, {hw}x{hw} | " + " | ".join(row) + " |", flush=True)
+        print(f"| {cin}->{cout}, {hw}x{hw}, {stride}, {groups} | " + " | ".join(row) + " |",
+              flush=True)
     print(f"# load after {os.getloadavg()[0]:.2f}; ratio = jaxconv min / torch_ref min")
     return 0
 
