@@ -73,20 +73,25 @@ def _max_pool(x, window):
 @_max_pool.defjvp
 def _max_pool_jvp(window, primals, tangents):
     """The tangent at each window's first maximum: the running maximum over the taps (the
-    primal output: max is exact) records which tap won, and the tangent sums each tap's
-    tangent where it won. Its transpose (the gradient) is then one masked, padded sum per tap
-    that XLA fuses into a single pass: faster on XLA:CPU than lax's select-and-scatter or a
-    chain of selects (BENCHMARKS.md, "Max pooling"), and, unlike jnp.max over the taps, it does
-    not average tied maxima."""
+    primal output: max is exact) records which tap won, and the tangent is gathered from there.
+    Its transpose (the gradient) is one scatter-add, into which XLA fuses the winner's
+    computation once; as masked sums over the taps, XLA recomputed it in every tap's pass
+    (BENCHMARKS.md, "Max pooling"). Unlike jnp.max over the taps, it does not average ties."""
     (x,), (t,) = primals, tangents
+    k, s, d, pads, out_hw = window
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
-    index_dtype = jnp.int8 if len(xs) <= 127 else jnp.int32
-    best, won = xs[0], jnp.zeros(xs[0].shape, index_dtype)
+    best, won = xs[0], jnp.zeros(xs[0].shape, jnp.int32)
     for i, xt in enumerate(xs[1:], 1):
         take = (xt > best) | jnp.isnan(xt)
-        best, won = jnp.where(take, xt, best), jnp.where(take, index_dtype(i), won)
-    ts = _taps(t, window, np.array(0, t.dtype))
-    return best, sum(jnp.where(won == i, tt, 0) for i, tt in enumerate(ts))
+        best, won = jnp.where(take, xt, best), jnp.where(take, i, won)
+    n, h, w, c = x.shape
+    oy, ox = (jnp.arange(size, dtype=jnp.int32)[:, None] for size in out_hw)
+    row = oy[:, None] * s[0] + won // k[1] * d[0]                  # in the padded input
+    col = ox * s[1] + won % k[1] * d[1]
+    pixel = (jnp.arange(n, dtype=jnp.int32)[:, None, None, None] * (h + sum(pads[0])) + row) \
+        * (w + sum(pads[1])) + col
+    t_rows = jnp.pad(t, ((0, 0), *pads, (0, 0))).reshape(-1, c)
+    return best, t_rows.at[pixel, jnp.arange(c)].get(mode="promise_in_bounds")
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
