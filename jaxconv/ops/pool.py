@@ -109,13 +109,23 @@ def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
     return np.array([inside[i * s:i * s + k].sum() for i in range(out)])
 
 
+# Average pools of up to this many taps are summed as strided slices, which XLA:CPU fuses into
+# one multi-threaded pass (forward and gradient): 2-6x faster than its reduce-window for
+# Inception-v3's 3x3 and 5x5 pools; a 7x7 window over a 7x7 input was 5x slower (BENCHMARKS.md).
+_MAX_SUMMED_TAPS = 25
+
+
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
     """torch.nn.functional.avg_pool2d on NHWC `x`; low precision inputs are summed in float32."""
-    k, s, _, pads, out_hw = _window(x, kernel_size, stride, padding, 1, ceil_mode)
+    window = _window(x, kernel_size, stride, padding, 1, ceil_mode)
+    k, s, _, pads, out_hw = window
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    total = lax.reduce_window(x.astype(acc), np.array(0, acc), lax.add, (1, *k, 1), (1, *s, 1),
-                              ((0, 0), *pads, (0, 0)))[:, :out_hw[0], :out_hw[1]]
+    if k[0] * k[1] <= _MAX_SUMMED_TAPS:
+        total = sum(_taps(x.astype(acc), window, np.array(0, acc)))
+    else:
+        total = lax.reduce_window(x.astype(acc), np.array(0, acc), lax.add, (1, *k, 1),
+                                  (1, *s, 1), ((0, 0), *pads, (0, 0)))[:, :out_hw[0], :out_hw[1]]
     if divisor_override is not None:
         if not isinstance(divisor_override, int) or divisor_override < 1:
             raise ValueError(f"divisor_override: expected a positive int, got {divisor_override!r}")
