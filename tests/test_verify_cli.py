@@ -3,12 +3,13 @@ import torch
 
 import torch_ref
 from jaxconv.verify.__main__ import main
+from jaxconv.verify.ops import CASES
 
 
 def test_ops_table_passes(capsys):
     assert main(["--ops"]) == 0
     out = capsys.readouterr().out
-    assert "40 passed, 0 failed" in out and "FAIL" not in out.replace("0 failed", "")
+    assert len(CASES) == 41 and f"{len(CASES)} passed, 0 failed" in out and "FAIL" not in out.replace("0 failed", "")
 
 
 def test_model_with_checkpoint_passes(tmp_path, capsys):
