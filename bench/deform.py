@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+
+from bench.conv import _interleaved
 
 SHAPES = [  # (C_in, C_out, H = W of the input, stride, groups)
     (64, 256, 56, 1, 1),
@@ -32,19 +32,6 @@ SHAPES = [  # (C_in, C_out, H = W of the input, stride, groups)
     (1024, 1024, 14, 2, 32),
     (1024, 1024, 7, 1, 32),
 ]
-
-
-def _time(fns, repeats):
-    """(min, median) seconds of each of `fns`, run interleaved after one warm-up call each."""
-    times = [[] for _ in fns]
-    for fn in fns:
-        fn()  # warm-up (and compilation for jax)
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-    return [(min(ts), statistics.median(ts)) for ts in times]
 
 
 def _jax_fns(x, offset, weight, bias, mask, stride):
@@ -129,7 +116,8 @@ def main(argv=None):
         tf, tb = _torch_fns(x, offset, weight, bias, mask, stride)
         row = []
         for jfn, tfn in ((jf, tf), (jb, tb)):
-            (jmin, jmed), (tmin, tmed) = _time((jfn, tfn), args.repeats)
+            r = _interleaved({"jax": jfn, "torch": tfn}, args.repeats)
+            (jmin, jmed), (tmin, tmed) = r["jax"], r["torch"]
             row += [f"{1e3 * jmin:.0f} / {1e3 * jmed:.0f}", f"{1e3 * tmin:.0f} / {1e3 * tmed:.0f}",
                     f"{jmin / tmin:.2f}"]
         print(f"| {cin}->{cout}, {hw}x{hw}, {stride}, {groups} | " + " | ".join(row) + " |",
