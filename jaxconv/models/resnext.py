@@ -27,6 +27,7 @@ from jaxconv.models._common import Classifier
 from jaxconv.models.registry import register_model
 from jaxconv.models.spec import TORCHVISION_LICENSE, TORCHVISION_URL, FeatureInfo, PretrainedCfg
 from jaxconv.nn import init
+from jaxconv.ops import fusion_barrier
 
 __all__ = ["Bottleneck", "ResNeXt", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
            "resnext152_32x4d", "resnext50_32x4d_dcn"]
@@ -65,7 +66,8 @@ class Bottleneck(nnx.Module):
         y = jax.nn.relu(self.bn1(self.conv1(x)))
         y = jax.nn.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return jax.nn.relu(y + shortcut)
+        # stored once: XLA:CPU would otherwise recompute the chain of blocks in every add
+        return fusion_barrier(jax.nn.relu(y + shortcut))
 
 
 # ------------------------------------------------------------------------------------ model

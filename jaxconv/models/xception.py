@@ -33,6 +33,7 @@ from jaxconv.models._common import Classifier
 from jaxconv.models.registry import register_model
 from jaxconv.models.spec import INCEPTION_MEAN, INCEPTION_STD, FeatureInfo, PretrainedCfg, resize_for
 from jaxconv.nn import init
+from jaxconv.ops import fusion_barrier
 
 __all__ = ["ReLU", "SeparableConv2d", "Block", "Xception", "xception"]
 
@@ -87,7 +88,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         shortcut = x if self.skip is None else self.skipbn(self.skip(x))
-        return self.rep(x) + shortcut
+        # stored once: XLA:CPU would otherwise recompute the chain of blocks in every add
+        return fusion_barrier(self.rep(x) + shortcut)
 
 
 # ------------------------------------------------------------------------------------ model

@@ -14,6 +14,7 @@ from jaxconv.nn.conv import Conv2d
 from jaxconv.nn.linear import Sequential
 from jaxconv.nn.norm import BatchNorm2d
 from jaxconv.nn.pool import AvgPool2d
+from jaxconv.ops import fusion_barrier
 
 
 class BasicConv2d(nnx.Module):
@@ -96,7 +97,7 @@ def _downsample(in_channels, out_channels, stride, rngs):
 class _ResNeXtBase(nnx.Module):
     def _residual(self, x, y):
         shortcut = x if self.downsample is None else self.downsample(x)
-        return jax.nn.relu(self.bn3(y) + shortcut)
+        return fusion_barrier(jax.nn.relu(self.bn3(y) + shortcut))   # see ops.barrier
 
 
 class _Path(nnx.Module):

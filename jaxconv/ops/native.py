@@ -1,8 +1,9 @@
-"""The CPU convolution engines' native code, built on first use and registered with the XLA FFI.
+"""jaxconv's native CPU code, built on first use and registered with the XLA FFI.
 
-Two C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution,
-engine "kernel") and ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
-backward primitives, engine "onednn"). Each is compiled once per machine with the system C++
+Three C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution,
+engine "kernel"), ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
+backward primitives, engine "onednn") and ``barrier.cc`` (the no-op behind
+``ops.fusion_barrier``). Each is compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, into
 ``$JAXCONV_CACHE_DIR`` (default ``~/.cache/jaxconv/kernels``), keyed by a hash of the source,
 flags, compiler, jax version, CPU features and (oneDNN) the library's path; later processes load
@@ -38,6 +39,7 @@ class Library:
     source: str
     targets: dict          # FFI target name -> exported handler symbol
     what: str              # for messages
+    without: str = "'auto' uses the next engine of jaxconv.ops.policy"   # what happens then
 
 
 LIBRARIES = {
@@ -47,6 +49,9 @@ LIBRARIES = {
     "onednn": Library("onednn.cc", {"jaxconv_onednn_conv": "JaxconvOnednnConv",
                                     "jaxconv_onednn_norm_bwd": "JaxconvOnednnNormBackward"},
                       "the oneDNN engine"),
+    "barrier": Library("barrier.cc", {"jaxconv_fusion_barrier": "JaxconvFusionBarrier"},
+                       "jaxconv's fusion barrier",
+                       "ops.fusion_barrier is the identity (same results, XLA fuses freely)"),
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 # every FFI target of this package (jax.export needs them named: see ops.lowering.EXPORT_CHECKS)
@@ -154,7 +159,7 @@ def available(name: str) -> bool:
     try:
         load(name)
     except (RuntimeError, OSError) as e:
-        warnings.warn(f"jaxconv: {LIBRARIES[name].what} is unavailable; 'auto' uses the next "
-                      f"engine of jaxconv.ops.policy ({e})", stacklevel=2)
+        lib = LIBRARIES[name]
+        warnings.warn(f"jaxconv: {lib.what} is unavailable; {lib.without} ({e})", stacklevel=2)
         return False
     return True
