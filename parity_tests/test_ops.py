@@ -151,8 +151,9 @@ def test_batch_norm_train_float32_on_onednn_matches_float64(shape):
                                 dict(kernel_size=3, stride=2, ceil_mode=True),
                                 dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))])
 def test_max_pool_gradient_goes_to_the_first_maximum_as_torch(kw):
-    """Inputs from {0, 1, 2} tie in most windows, and one NaN: the gradient (torch's rule: the
-    first maximum in row-major order, NaN counting as one) equals torch's; jacfwd == jacrev."""
+    """Inputs from {0, 1, 2} tie in most windows, and one NaN: the output (NaN propagates) and
+    the gradient (torch's rule: the first maximum in row-major order, NaN counting as one) equal
+    torch's; jacfwd == jacrev."""
     import torch
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, (2, 7, 8, 3)).astype(np.float32)
@@ -162,6 +163,9 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_torch(kw):
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     ty = torch.nn.functional.max_pool2d(tx, **kw)
     (torch.nan_to_num(ty) * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    y = np.asarray(jax.jit(lambda x: ops.max_pool2d(x, **kw))(jnp.asarray(x)))
+    np.testing.assert_array_equal(y, ty.detach().numpy().transpose(0, 2, 3, 1))   # NaN == NaN
+    assert np.isnan(y).any()
     np.testing.assert_array_equal(np.asarray(grad), tx.grad.numpy().transpose(0, 2, 3, 1))
     small = jnp.asarray(x[:1, :5, :5, :2])
     fwd, rev = (jax.jacfwd(lambda v: ops.max_pool2d(v, **kw))(small),

@@ -9,7 +9,7 @@ from jaxconv.verify.ops import CASES
 def test_ops_table_passes(capsys):
     assert main(["--ops"]) == 0
     out = capsys.readouterr().out
-    assert len(CASES) == 41 and f"{len(CASES)} passed, 0 failed" in out and "FAIL" not in out.replace("0 failed", "")
+    assert len(CASES) == 42 and f"{len(CASES)} passed, 0 failed" in out and "FAIL" not in out.replace("0 failed", "")
 
 
 def test_model_with_checkpoint_passes(tmp_path, capsys):

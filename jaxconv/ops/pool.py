@@ -60,14 +60,21 @@ def _taps(x, window, fill):
             for i in range(k[0]) for j in range(k[1])]
 
 
+# Windows of up to this many taps are reduced as strided slices, which XLA:CPU fuses into one
+# multi-threaded pass (forward and gradient): 2-7x faster than its reduce-window for the models'
+# 3x3 max pools and Inception-v3's 3x3 and 5x5 average pools; a 7x7 window over a 7x7 input was
+# 5x slower (BENCHMARKS.md, "Pooling").
+_MAX_TAPS = 25
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _max_pool(x, window):
     k, s, d, pads, out_hw = window
     init = np.array(-np.inf, x.dtype)  # concrete: jit keeps the max window
-    if d == (1, 1):
-        y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
-        return y[:, :out_hw[0], :out_hw[1]]
-    return jnp.max(jnp.stack(_taps(x, window, init)), axis=0)   # XLA: no dilated max windows
+    if k[0] * k[1] <= _MAX_TAPS or d != (1, 1):   # XLA has no dilated max windows
+        return functools.reduce(jnp.maximum, _taps(x, window, init))   # NaN wins, as in torch
+    y = lax.reduce_window(x, init, lax.max, (1, *k, 1), (1, *s, 1), ((0, 0), *pads, (0, 0)))
+    return y[:, :out_hw[0], :out_hw[1]]
 
 
 @_max_pool.defjvp
@@ -109,19 +116,13 @@ def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
     return np.array([inside[i * s:i * s + k].sum() for i in range(out)])
 
 
-# Average pools of up to this many taps are summed as strided slices, which XLA:CPU fuses into
-# one multi-threaded pass (forward and gradient): 2-6x faster than its reduce-window for
-# Inception-v3's 3x3 and 5x5 pools; a 7x7 window over a 7x7 input was 5x slower (BENCHMARKS.md).
-_MAX_SUMMED_TAPS = 25
-
-
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                divisor_override=None):
     """torch.nn.functional.avg_pool2d on NHWC `x`; low precision inputs are summed in float32."""
     window = _window(x, kernel_size, stride, padding, 1, ceil_mode)
     k, s, _, pads, out_hw = window
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    if k[0] * k[1] <= _MAX_SUMMED_TAPS:
+    if k[0] * k[1] <= _MAX_TAPS:
         total = sum(_taps(x.astype(acc), window, np.array(0, acc)))
     else:
         total = lax.reduce_window(x.astype(acc), np.array(0, acc), lax.add, (1, *k, 1),

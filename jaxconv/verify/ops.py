@@ -80,9 +80,11 @@ POOLS = [
                                            count_include_pad=False)),
     OpCase("avg_pool2d", (3, 9, 7, 4), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0))),
     OpCase("avg_pool2d", (3, 9, 7, 4), dict(kernel_size=2, divisor_override=3)),
-    # more than 25 taps: lax's reduce-window instead of summed slices
+    # more than 25 taps: lax's reduce-window instead of strided slices
     OpCase("avg_pool2d", (2, 9, 7, 4), dict(kernel_size=(6, 5), stride=(1, 2), padding=(3, 2),
                                            ceil_mode=True, count_include_pad=False)),
+    OpCase("max_pool2d", (2, 9, 7, 4), dict(kernel_size=(6, 5), stride=(1, 2), padding=(3, 2),
+                                           ceil_mode=True)),
     OpCase("adaptive_avg_pool2d", (2, 14, 14, 4), dict(output_size=4)),  # GoogLeNet aux head
     OpCase("adaptive_avg_pool2d", (2, 7, 7, 4), dict(output_size=1)),
     OpCase("adaptive_avg_pool2d", (2, 9, 7, 4), dict(output_size=(4, 3))),
