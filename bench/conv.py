@@ -13,7 +13,11 @@ torch.ops.aten.convolution_backward with the same output mask.
 
 --models: every registered model (or --names) at its native size: inference (eval mode,
 nnx.jit / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
-update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last.
+update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last. Each
+framework runs in a process of its own, as in real use; sharing one process, each slowed the
+other: torch's tensors took the heap memory XLA:CPU frees between calls (jaxconv's next train
+step faulted up to 70k pages in anew), and torch ran up to 2x slower after jaxconv's calls
+(MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole models").
 
 --bn-fold: what folding eval BatchNorms into the convs could save at most: each model's
 inference with every BatchNorm2d replaced by the identity, against the same model with them.
@@ -27,6 +31,7 @@ The 1-minute load average before and after is printed; a loaded machine skews bo
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
@@ -46,14 +51,44 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
+class _Process:
+    """Functions built by `factory(*args)` (a dict of name -> fn) in a process of their own;
+    ``timer(name)`` runs one there and returns its wall time in seconds."""
+
+    def __init__(self, factory, *args):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self.proc.start()
+
+    def timer(self, name):
+        def run():
+            self.conn.send(name)
+            return self.conn.recv()
+        return run
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join()
+
+
+def _serve(conn, factory, args):
+    fns = factory(*args)
+    for name in iter(conn.recv, None):
+        conn.send(_timed(fns[name]))
+
+
 def _interleaved(fns, repeats):
-    """{name: (min, median)} seconds; each fn warmed up once, then run round-robin."""
+    """{name: (min, median)} seconds; each fn warmed up once, then run round-robin. A fn that
+    returns a number (a _Process timer) has timed itself."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k].append(_timed(fn))
+            t = time.perf_counter()
+            own = fn()
+            times[k].append(own if isinstance(own, float) else time.perf_counter() - t)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
@@ -173,6 +208,7 @@ def bench_layers(args):
 # ------------------------------------------------------------------------------------ models
 
 def _jax_model_fns(name, batch, size, engine):
+    """{"inference": fn, "train step": fn} of jaxconv's `name` under lowering `engine`."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -207,16 +243,18 @@ def _jax_model_fns(name, batch, size, engine):
     with config.use_conv_lowering(engine):  # the lowering is read when traced: now
         jax.block_until_ready(infer(model, x))
         jax.block_until_ready(step(train_model, opt, x, y))
-    return (lambda: jax.block_until_ready(infer(model, x)),
-            lambda: jax.block_until_ready(step(train_model, opt, x, y)))
+    return {"inference": lambda: jax.block_until_ready(infer(model, x)),
+            "train step": lambda: jax.block_until_ready(step(train_model, opt, x, y))}
 
 
-def _torch_model_fns(name, batch, size):
+def _torch_model_fns(name, batch, size, threads):
+    """{"inference": fn, "train step": fn} of torch_ref's `name` on `threads` threads."""
     import torch
     import torch.nn.functional as F
 
     import torch_ref.models as tm
 
+    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     cl = torch.channels_last
     x = torch.tensor(rng.standard_normal((batch, 3, size, size)), dtype=torch.float32)
@@ -236,7 +274,7 @@ def _torch_model_fns(name, batch, size):
         F.cross_entropy(train_model(x), y).backward()
         opt.step()
 
-    return infer, step
+    return {"inference": infer, "train step": step}
 
 
 def bench_models(args):
@@ -248,12 +286,9 @@ def bench_models(args):
     print("|---|---|---|" + "---|---|" * len(args.engines))
     for name in names:
         size = input_size(name)
-        fns = {}
-        for n in args.engines:
-            fns[(n, "inference")], fns[(n, "train step")] = _jax_model_fns(
-                name, args.model_batch, size, n)
-        fns[("torch", "inference")], fns[("torch", "train step")] = _torch_model_fns(
-            name, args.model_batch, size)
+        procs = {n: _Process(_jax_model_fns, name, args.model_batch, size, n) for n in args.engines}
+        procs["torch"] = _Process(_torch_model_fns, name, args.model_batch, size, args.threads)
+        fns = {(n, p): proc.timer(p) for n, proc in procs.items() for p in ("inference", "train step")}
         for p in ("inference", "train step"):
             res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
             cells = []
@@ -261,6 +296,8 @@ def bench_models(args):
                 cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
             print(f"| {name}, {args.model_batch} x {size} | {p} | {_fmt(res[('torch', p)])} | "
                   + " | ".join(cells) + " |", flush=True)
+        for proc in procs.values():
+            proc.close()
 
 
 def bench_bn_fold(args):
