@@ -51,17 +51,22 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-class _Process:
-    """Functions built by `factory(*args)` (a dict of name -> fn) in a process of their own;
-    ``timer(name)`` runs one there and returns its wall time in seconds."""
+class _Worker:
+    """A process of its own for one framework: ``fns(factory, *args)`` builds `factory`'s dict
+    of name -> fn there (replacing the last one) and returns {name: timer}; a timer runs its fn
+    there and returns its wall time in seconds."""
 
-    def __init__(self, factory, *args):
+    def __init__(self):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self.proc.start()
 
-    def timer(self, name):
+    def fns(self, factory, *args):
+        self.conn.send((factory, args))
+        return {name: self._timer(name) for name in self.conn.recv()}
+
+    def _timer(self, name):
         def run():
             self.conn.send(name)
             return self.conn.recv()
@@ -72,10 +77,14 @@ class _Process:
         self.proc.join()
 
 
-def _serve(conn, factory, args):
-    fns = factory(*args)
-    for name in iter(conn.recv, None):
-        conn.send(_timed(fns[name]))
+def _serve(conn):
+    fns = {}
+    for msg in iter(conn.recv, None):
+        if isinstance(msg, tuple) and callable(msg[0]):
+            fns = msg[0](*msg[1])
+            conn.send(list(fns))
+        else:
+            conn.send(_timed(fns[msg]))
 
 
 def _interleaved(fns, repeats):
@@ -114,13 +123,11 @@ def distinct_layers(names, kinds=None):
     return out
 
 
-def _layer_fns(layer, batch, engines, passes):
+def _layer_arrays(layer, batch):
+    """x (NHWC), w (HWIO), gy (NHWC) for `layer`, the same in every process."""
     import jax
-    import jax.numpy as jnp
-    import torch
-    import torch.nn.functional as F
 
-    from jaxconv import config, ops
+    from jaxconv import ops
 
     h, w_, c = layer.in_hwc
     g = layer.groups
@@ -130,7 +137,17 @@ def _layer_fns(layer, batch, engines, passes):
          / np.sqrt(np.prod(layer.kernel_size) * c / g)).astype(np.float32)
     kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=g)
     y = jax.eval_shape(lambda x, w: ops.conv2d(x, w, **kw), x, w).shape
-    gy = rng.standard_normal(tuple(y)).astype(np.float32)
+    return x, w, rng.standard_normal(tuple(y)).astype(np.float32), kw
+
+
+def _jax_layer_fns(layer, batch, engines, passes):
+    """{(engine, pass): fn} for `layer`, each pass compiled under each conv_lowering."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxconv import config, ops
+
+    x, w, gy, kw = _layer_arrays(layer, batch)
     xj, wj, gj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(gy)
 
     def jax_pass(p):
@@ -148,7 +165,17 @@ def _layer_fns(layer, batch, engines, passes):
             for p in passes:
                 compiled = jax.jit(jax_pass(p)).lower(xj, wj, gj).compile()
                 fns[(name, p)] = lambda c=compiled: jax.block_until_ready(c(xj, wj, gj))
+    return fns
 
+
+def _torch_layer_fns(layer, batch, passes, threads):
+    """{("torch", pass): fn} for `layer`: F.conv2d and aten.convolution_backward."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    x, w, gy, _ = _layer_arrays(layer, batch)
+    g = layer.groups
     cl = torch.channels_last
     tx = torch.tensor(x.transpose(0, 3, 1, 2)).contiguous(memory_format=cl)
     tw = torch.tensor(w.transpose(3, 2, 0, 1)).contiguous(memory_format=cl)
@@ -173,9 +200,7 @@ def _layer_fns(layer, batch, engines, passes):
         back([True, True, False])()
 
     torch_passes["fwdbwd"] = t_fwdbwd
-    for p in passes:
-        fns[("torch", p)] = torch_passes[p]
-    return fns
+    return {("torch", p): torch_passes[p] for p in passes}
 
 
 def _pair(p):
@@ -191,8 +216,10 @@ def bench_layers(args):
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     rows = []
+    jax_worker, torch_worker = _Worker(), _Worker()
     for name, layer in layers:
-        fns = _layer_fns(layer, args.batch, args.engines, args.passes)
+        fns = {**jax_worker.fns(_jax_layer_fns, layer, args.batch, args.engines, args.passes),
+               **torch_worker.fns(_torch_layer_fns, layer, args.batch, args.passes, args.threads)}
         res = _interleaved(fns, args.repeats)
         h, w, c = layer.in_hwc
         row = [name, layer.kind, f"{c}->{layer.out_channels}, {layer.kernel_size[0]}x"
@@ -202,13 +229,19 @@ def bench_layers(args):
                                                 for e in args.engines]
         print("| " + " | ".join(row) + " |", flush=True)
         rows.append((name, layer, res))
+    jax_worker.close()
+    torch_worker.close()
     return rows
 
 
 # ------------------------------------------------------------------------------------ models
 
-def _jax_model_fns(name, batch, size, engine):
-    """{"inference": fn, "train step": fn} of jaxconv's `name` under lowering `engine`."""
+def _jax_model_fns(name, batch, size, engines):
+    """{(engine, "inference" | "train step"): fn} of jaxconv's `name` under each lowering."""
+    return {(e, p): fn for e in engines for p, fn in _jax_model_engine(name, batch, size, e).items()}
+
+
+def _jax_model_engine(name, batch, size, engine):
     import jax
     import jax.numpy as jnp
     import optax
@@ -248,7 +281,7 @@ def _jax_model_fns(name, batch, size, engine):
 
 
 def _torch_model_fns(name, batch, size, threads):
-    """{"inference": fn, "train step": fn} of torch_ref's `name` on `threads` threads."""
+    """{("torch", "inference" | "train step"): fn} of torch_ref's `name` on `threads` threads."""
     import torch
     import torch.nn.functional as F
 
@@ -274,7 +307,7 @@ def _torch_model_fns(name, batch, size, threads):
         F.cross_entropy(train_model(x), y).backward()
         opt.step()
 
-    return {"inference": infer, "train step": step}
+    return {("torch", "inference"): infer, ("torch", "train step"): step}
 
 
 def bench_models(args):
@@ -284,11 +317,11 @@ def bench_models(args):
     print("| model, batch x size | pass | torch_ref ms (min / med) | " + " | ".join(
         f"jaxconv {n} ms | {n} / torch" for n in args.engines) + " |")
     print("|---|---|---|" + "---|---|" * len(args.engines))
+    jax_worker, torch_worker = _Worker(), _Worker()
     for name in names:
         size = input_size(name)
-        procs = {n: _Process(_jax_model_fns, name, args.model_batch, size, n) for n in args.engines}
-        procs["torch"] = _Process(_torch_model_fns, name, args.model_batch, size, args.threads)
-        fns = {(n, p): proc.timer(p) for n, proc in procs.items() for p in ("inference", "train step")}
+        fns = {**jax_worker.fns(_jax_model_fns, name, args.model_batch, size, args.engines),
+               **torch_worker.fns(_torch_model_fns, name, args.model_batch, size, args.threads)}
         for p in ("inference", "train step"):
             res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
             cells = []
@@ -296,8 +329,8 @@ def bench_models(args):
                 cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
             print(f"| {name}, {args.model_batch} x {size} | {p} | {_fmt(res[('torch', p)])} | "
                   + " | ".join(cells) + " |", flush=True)
-        for proc in procs.values():
-            proc.close()
+    jax_worker.close()
+    torch_worker.close()
 
 
 def bench_bn_fold(args):
