@@ -169,12 +169,23 @@ def _jax_layer_fns(layer, batch, engines, passes):
     return fns
 
 
-def _torch_layer_fns(layer, batch, passes, threads):
-    """{("torch", pass): fn} for `layer`: F.conv2d and aten.convolution_backward."""
+def _torch(threads):
+    """torch in this (worker) process on `threads` threads whose idle OpenMP threads spin briefly
+    (~0.5 ms) before they sleep: with libgomp's default (~300k spins) they held a core into the
+    other process's next run (1.2-2x on GoogLeNet's layers of ~1 ms); sleeping at once
+    (OMP_WAIT_POLICY=passive, as jaxconv's oneDNN does) cost torch 10-20% on whole models."""
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(threads)
+    return torch
+
+
+def _torch_layer_fns(layer, batch, passes, threads):
+    """{("torch", pass): fn} for `layer`: F.conv2d and aten.convolution_backward."""
+    torch = _torch(threads)   # before anything imports torch
+    import torch.nn.functional as F
+
     x, w, gy, _ = _layer_arrays(layer, batch)
     g = layer.groups
     cl = torch.channels_last
@@ -293,12 +304,11 @@ def _jax_model_engine(name, batch, size, engine):
 
 def _torch_model_fns(name, batch, size, threads):
     """{("torch", "inference" | "train step"): fn} of torch_ref's `name` on `threads` threads."""
-    import torch
+    torch = _torch(threads)   # before anything imports torch
     import torch.nn.functional as F
 
     import torch_ref.models as tm
 
-    torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     cl = torch.channels_last
     x = torch.tensor(rng.standard_normal((batch, 3, size, size)), dtype=torch.float32)
