@@ -11,7 +11,7 @@ pass (dtype, shape) is used. Engines:
 
 Every other backend uses lax's convolution (cuDNN, the TPU compiler); this table is CPU only.
 Why each row reads as it does, measured on 2 cores against PyTorch 2.13: BENCHMARKS.md,
-"Lowering policy".
+"Per pass and engine".
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ KINDS = ("pointwise", "depthwise", "grouped", "stem", "dense")
 
 # (kind, pass) -> engines in order of preference. Measured on 2 AMD EPYC (AVX2) cores, batch 8,
 # every distinct layer of ResNeXt-50 / Xception / MobileNet-v1, median ratio to torch per pass
-# (BENCHMARKS.md, "Lowering policy"; the kernel is tuned for AVX-512 and slower here):
+# (BENCHMARKS.md, "Per pass and engine"; the kernel is tuned for AVX-512 and slower here):
 #   pointwise  onednn 1.08 / 1.04 / 0.98   matmul 1.3 / 1.0 / 1.0   xla 1.8 / 1.8 / 8.7
 #   depthwise  onednn 1.14 / 0.98 / 0.95   kernel 2.7 / 2.7 / 1.9   xla 43 / 58 / 123
 #   grouped    onednn 1.4* / 1.01 / 0.97   kernel 7.0 / 7.3 / 5.5   xla 6.0 / 4.5 / 593

@@ -83,7 +83,7 @@ def _max_pool_jvp(window, primals, tangents):
     primal output: max is exact) records which tap won, and the tangent is gathered from there.
     Its transpose (the gradient) is one scatter-add, into which XLA fuses the winner's
     computation once; as masked sums over the taps, XLA recomputed it in every tap's pass
-    (BENCHMARKS.md, "Max pooling"). Unlike jnp.max over the taps, it does not average ties."""
+    (BENCHMARKS.md, "Pooling"). Unlike jnp.max over the taps, it does not average ties."""
     (x,), (t,) = primals, tangents
     k, s, d, pads, out_hw = window
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
