@@ -12,7 +12,7 @@ engine (jaxconv.config.conv_lowering forced, or 'auto' = the policy table) vs to
 torch.ops.aten.convolution_backward with the same output mask.
 
 --models: every registered model (or --names) at its native size: inference (eval mode,
-nnx.jit / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
+jax.jit of the split model / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
 update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last. Each
 framework runs in a process of its own, as in real use; sharing one process, each slowed the
 other: torch's tensors took the heap memory XLA:CPU frees between calls (jaxconv's next train
@@ -90,7 +90,7 @@ def _serve(conn):
 
 def _interleaved(fns, repeats):
     """{name: (min, median)} seconds; each fn warmed up once, then run round-robin. A fn that
-    returns a number (a _Process timer) has timed itself."""
+    returns a number (a _Worker timer) has timed itself."""
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
