@@ -33,7 +33,7 @@ from jaxconv.ops.cpu_conv import Geometry, bind
 from jaxconv.summary import conv_layers
 from jaxconv.verify.ops import CONV2D, CONV_TRANSPOSE2D, OpCase, _torch_fn, run_case
 from parity_tests.tolerances import OP_BF16_RTOL, OP_FP32
-from tests.helpers import rand
+from tests.helpers import exported_mlir, rand
 
 ENGINES = ("xla", "onednn", "kernel", "auto")
 
@@ -245,11 +245,6 @@ def test_kernel_modes_in_float64():
 
 # ------------------------------------------------------------------------ the policy table
 
-def _hlo(fn, *args, platform="cpu"):
-    return jax.export.export(jax.jit(fn), platforms=[platform],
-                             disabled_checks=lowering.EXPORT_CHECKS)(*args).mlir_module()
-
-
 def _targets(text):
     """The computation's convolution engines: FFI targets and lax convolutions, by name."""
     found = {t for t in native.TARGETS if f"@{t}(" in text}
@@ -281,7 +276,7 @@ def test_policy_table_row(row):
     fn = {"fwd": lambda x, w: ops.conv2d(x, w, **kw),
           "bwd_data": lambda x, w: jax.vjp(lambda x: ops.conv2d(x, w, **kw), x)[1](g),
           "bwd_weights": lambda x, w: jax.vjp(lambda w: ops.conv2d(x, w, **kw), w)[1](g)}[op]
-    text = _hlo(fn, x, w)
+    text = exported_mlir(fn, x, w)
     chosen = policy.first_available(policy.TABLE[row])
     if chosen == "matmul":
         assert "stablehlo.dot_general" in text and not _targets(text), (row, _targets(text))
@@ -293,7 +288,7 @@ def test_policy_table_row(row):
     if rest:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(native, "available", lambda name: name != chosen)
-            text = _hlo(lambda *a: fn(*a), x, w)
+            text = exported_mlir(lambda *a: fn(*a), x, w)
         second = policy.first_available(rest)
         found = _targets(text)
         if second == "matmul":
@@ -329,7 +324,7 @@ def test_forced_engine_without_a_compiler_names_what_is_missing(monkeypatch):
         native.load.__wrapped__("kernel")
     monkeypatch.setattr(native, "available", lambda name: name in ("xla", "matmul"))
     x, w = jnp.ones((1, 5, 5, 16)), jnp.ones((3, 3, 2, 16))
-    text = _hlo(lambda x, w: ops.conv2d(x, w, padding=1, groups=8), x, w)
+    text = exported_mlir(lambda x, w: ops.conv2d(x, w, padding=1, groups=8), x, w)
     assert _targets(text) == {"stablehlo.convolution"}
 
 
@@ -391,17 +386,17 @@ ARGS = (jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 1, 32)), jnp.ones((3, 3, 4, 32)
 def test_gpu_and_tpu_keep_lax_convolutions(platform):
     """Lowered for an accelerator, 'auto' is lax's convolution (cuDNN / the TPU compiler):
     every convolution keeps its feature_group_count and no CPU engine is left."""
-    text = _hlo(_model_like, *ARGS, platform=platform)
+    text = exported_mlir(_model_like, *ARGS, platform=platform)
     assert "feature_group_count = 32" in text and "feature_group_count = 8" in text
     assert _targets(text) == {"stablehlo.convolution"}
 
 
 def test_cpu_auto_uses_the_engines():
-    text = _hlo(_model_like, *ARGS)
+    text = exported_mlir(_model_like, *ARGS)
     assert "feature_group_count" not in text
     assert _targets(text) and "stablehlo.convolution" not in _targets(text)
     with config.use_conv_lowering("xla"):
-        assert "feature_group_count = 8" in _hlo(lambda *a: _model_like(*a), *ARGS)
+        assert "feature_group_count = 8" in exported_mlir(lambda *a: _model_like(*a), *ARGS)
 
 
 def test_config_switch_and_its_former_name():
@@ -456,8 +451,8 @@ def test_matmul_engine_is_for_1x1_convs_on_cpu_only():
         return jax.grad(lambda x, w: jnp.sum(ops.conv2d(x, w, stride=2) ** 2), argnums=(0, 1))(x, w)
 
     with config.use_conv_lowering("matmul"):
-        cpu, gpu = _hlo(lambda *a: f(*a), x, w), _hlo(lambda *a: f(*a), x, w, platform="cuda")
-        padded = _hlo(lambda x, w: ops.conv2d(x, w, padding=1), x, w)
+        cpu, gpu = exported_mlir(lambda *a: f(*a), x, w), exported_mlir(lambda *a: f(*a), x, w, platform="cuda")
+        padded = exported_mlir(lambda x, w: ops.conv2d(x, w, padding=1), x, w)
     assert not _targets(cpu) and "stablehlo.dot_general" in cpu
     assert _targets(gpu) == {"stablehlo.convolution"} and "stablehlo.dot_general" not in gpu
     assert _targets(padded) == {"stablehlo.convolution"}    # not a matrix product: lax

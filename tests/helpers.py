@@ -55,6 +55,14 @@ def nhwc(t) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
+def exported_mlir(fn, *args, platform: str = "cpu") -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for `platform` (jaxconv's FFI targets
+    allowed), to check which convolutions and custom calls a computation uses."""
+    from jaxconv.ops import lowering
+    return jax.export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=lowering.EXPORT_CHECKS)(*args).mlir_module()
+
+
 def heads(out) -> dict:
     """A model's output as {head name: array}: a dict of heads as is, plain logits as 'logits'."""
     return dict(out) if isinstance(out, dict) else {"logits": out}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxconv import ops
-from jaxconv.ops import lowering, native
-from tests.helpers import rand
+from jaxconv.ops import native
+from tests.helpers import exported_mlir, rand
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
@@ -43,22 +43,17 @@ def test_derivatives_are_those_of_the_identity():
                                    rtol=1e-6, atol=1e-6)
 
 
-def _export(fn, x, platform):
-    return jax.export.export(jax.jit(fn), platforms=[platform],
-                             disabled_checks=lowering.EXPORT_CHECKS)(x).mlir_module()
-
-
 def test_a_custom_call_on_cpu_the_identity_elsewhere(monkeypatch):
     x = jnp.ones((2, 3))
 
     def grad():   # a new function each time: jax caches lowerings per function
         return jax.grad(lambda x: (ops.fusion_barrier(x) ** 2).sum())
 
-    assert _export(grad(), x, "cpu").count("@jaxconv_fusion_barrier(") == 2   # and its transpose
+    assert exported_mlir(grad(), x).count("@jaxconv_fusion_barrier(") == 2   # and its transpose
     for platform in ("cuda", "tpu"):
-        assert "jaxconv_fusion_barrier" not in _export(grad(), x, platform)
+        assert "jaxconv_fusion_barrier" not in exported_mlir(grad(), x, platform=platform)
     monkeypatch.setattr(native, "available", lambda name: False)   # e.g. no C++ compiler
-    assert "jaxconv_fusion_barrier" not in _export(grad(), x, "cpu")
+    assert "jaxconv_fusion_barrier" not in exported_mlir(grad(), x)
     np.testing.assert_array_equal(jax.jit(grad())(x), 2 * x)
 
 
