@@ -19,8 +19,8 @@
 // thread (the forward stays XLA's: see jaxconv/ops/norm.py).
 //
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
-// primitive is thread-safe); scratchpads are per calling thread. oneDNN's OpenMP threads are
-// set to XLA's intra-op thread count before each call. float32 only (the caller computes bf16
+// primitive is thread-safe); scratchpads are per calling thread. One call runs at a time, on
+// as many OpenMP threads as XLA has intra-op threads. float32 only (the caller computes bf16
 // in float32; float64 goes elsewhere).
 #include <algorithm>
 #include <cstdint>
@@ -154,6 +154,10 @@ const auto& cached(const std::string& key, Make make) {
   return *slot;
 }
 
+// Held for each oneDNN call: XLA:CPU runs independent thunks concurrently (an Inception
+// module's branches), and two calls at once would each run a team of all the cores' threads.
+std::mutex one_call_at_a_time;
+
 // Per-thread growable buffer (64-byte aligned) for scratchpads and reordered weights.
 float* buffer(std::vector<float>& v, size_t bytes) {
   size_t n = bytes / sizeof(float) + 16;
@@ -181,6 +185,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   s.pr = (s.wo - 1) * sw + (s.kw - 1) * dw + 1 - s.w - pl;
   try {
     const Entry& e = cached(s.key(), [&] { return make(s); });
+    std::lock_guard<std::mutex> alone(one_call_at_a_time);
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf, weights_buf, flip_buf;
     dnnl::stream stream(engine());
@@ -258,6 +263,7 @@ ffi::Error Normalise(ffi::ThreadPool pool, float eps,
   std::memcpy(key.data() + sizeof(dims), &eps, sizeof(eps));
   try {
     const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps); });
+    std::lock_guard<std::mutex> alone(one_call_at_a_time);
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf;
     memory::desc act({n, c, h, w}, memory::data_type::f32, tag::nhwc);
