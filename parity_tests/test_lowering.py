@@ -278,6 +278,7 @@ ROW_SHAPES = {  # kind -> (x shape, w shape HWIO, conv2d keywords)
     "pointwise": ((1, 6, 6, 16), (1, 1, 16, 8), dict(stride=2)),
     "depthwise": ((1, 6, 6, 16), (3, 3, 1, 16), dict(padding=1, groups=16)),
     "grouped": ((1, 6, 6, 16), (3, 3, 4, 16), dict(padding=1, groups=4)),
+    "grouped_large": ((1, 56, 56, 8), (3, 3, 2, 8), dict(padding=1, groups=4)),
     "stem": ((1, 9, 9, 3), (3, 3, 3, 16), dict(stride=2, padding=1)),
     "dense": ((1, 6, 6, 64), (3, 3, 64, 16), dict(padding=1)),
 }
@@ -292,7 +293,7 @@ def test_policy_table_row(row):
     kind, op = row
     xs, ws, kw = ROW_SHAPES[kind]
     geo_pads = kw.get("padding", 0)
-    assert policy.kind(ws[:2], xs[3], kw.get("groups", 1), bool(geo_pads)) == kind
+    assert policy.kind(ws[:2], xs[3], kw.get("groups", 1), bool(geo_pads), xs[1:3]) == kind
     x, w = jnp.ones(xs), jnp.ones(ws)
     y = jax.eval_shape(lambda x, w: ops.conv2d(x, w, **kw), x, w)
     g = jnp.ones(y.shape)
@@ -318,6 +319,23 @@ def test_policy_table_row(row):
             assert not found and "stablehlo.dot_general" in text, (row, found)
         else:
             assert found and found <= TARGET[second], (row, second, found)
+
+
+def test_grouped_kind_by_map_size():
+    """Grouped convs over maps of LARGE_HW pixels or more have a row of their own, decided by
+    the input map in every pass (bwd_data gets it as in_hw)."""
+    assert policy.LARGE_HW == 56 * 56
+    assert policy.kind((3, 3), 16, 4, True, (56, 56)) == "grouped_large"
+    assert policy.kind((3, 3), 16, 4, True, (55, 57)) == "grouped"
+    assert policy.kind((3, 3), 16, 16, True, (112, 112)) == "depthwise"
+    geo = Geometry((3, 3), stride=(2, 2), pads=((1, 1), (1, 1)), groups=4)
+    x = jax.core.ShapedArray((1, 56, 56, 16), jnp.float32)
+    w = jax.core.ShapedArray((3, 3, 4, 16), jnp.float32)
+    gy = jax.core.ShapedArray((1, 28, 28, 16), jnp.float32)
+    wanted = {op: policy.first_available(policy.TABLE[("grouped_large", op)]) for op in policy.PASSES}
+    assert policy.engine("fwd", geo, x, w) == wanted["fwd"]
+    assert policy.engine("bwd_weights", geo, x, gy) == wanted["bwd_weights"]
+    assert policy.engine("bwd_data", geo, gy, w, in_hw=(56, 56)) == wanted["bwd_data"]
 
 
 def test_policy_falls_back_when_an_engine_is_missing(monkeypatch):

@@ -182,7 +182,7 @@ def _cpu_lowering(ctx, a, b, *, op, geo, in_hw, lowering):
     if 0 in a_aval.shape or 0 in b_aval.shape or 0 in out.shape:   # batch 0, empty kernel
         fn = lambda a, b: jnp.zeros(out.shape, out.dtype)  # noqa: E731
     else:
-        engine = policy.engine(op, geo, a_aval, b_aval, lowering)
+        engine = policy.engine(op, geo, a_aval, b_aval, lowering, in_hw)
         native.load(engine)
         fn = functools.partial(ENGINES[engine], op=op, geo=geo, in_hw=in_hw)
     return mlir.lower_fun(fn, multiple_results=False)(ctx, a, b)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 PASSES = ("fwd", "bwd_data", "bwd_weights")
-KINDS = ("pointwise", "depthwise", "grouped", "stem", "dense")
+KINDS = ("pointwise", "depthwise", "grouped", "grouped_large", "stem", "dense")
 
 # (kind, pass) -> engines in order of preference. Measured on 2 AMD EPYC (AVX2) cores, batch 8,
 # every distinct layer of ResNeXt-50 / Xception / MobileNet-v1, median ratio to torch per pass
@@ -30,11 +30,17 @@ KINDS = ("pointwise", "depthwise", "grouped", "stem", "dense")
 #   dense      onednn 0.85 / 1.04 / 0.95   kernel 7.6 / 23 / 4.7    xla 3.5 / 1.4 / 6.5
 # (fwd / bwd_data / bwd_weights; * grouped forward with 4 channels a group as the transposed
 # problem's backward data, oneDNN 3.2 having only its gemm forward there on AVX2)
+# grouped_large: grouped convs over maps of at least LARGE_HW pixels. On 2 AVX-512 cores (the
+# ResNeXts' grouped layers, batch 8; BENCHMARKS.md, "The kernel's weight gradient on large maps")
+# the kernel's bwd_weights was 0.39-0.56x torch on every such layer but one (a tie, 0.97 vs
+# 0.96), oneDNN's 0.85-1.07x; on 28x28 and smaller maps the kernel was 1.0-2.9x, oneDNN 0.6-1.0x.
 ENGINE_ORDER = {
     "pointwise": {"fwd": ("onednn", "matmul", "xla"), "bwd_data": ("onednn", "matmul", "xla"),
                   "bwd_weights": ("onednn", "matmul", "xla")},
     "depthwise": {p: ("onednn", "kernel", "xla") for p in PASSES},
     "grouped": {p: ("onednn", "kernel", "xla") for p in PASSES},
+    "grouped_large": {"fwd": ("onednn", "kernel", "xla"), "bwd_data": ("onednn", "kernel", "xla"),
+                      "bwd_weights": ("kernel", "onednn", "xla")},
     "stem": {"fwd": ("onednn", "xla"), "bwd_data": ("onednn", "xla"),
              "bwd_weights": ("onednn", "kernel", "xla")},
     "dense": {p: ("onednn", "xla") for p in PASSES},
@@ -42,13 +48,16 @@ ENGINE_ORDER = {
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     (k, p): engines for k, row in ENGINE_ORDER.items() for p, engines in row.items()}
 STEM_MAX_CIN = 32   # dense convs with at most this many input channels are "stem" convs
+LARGE_HW = 56 * 56  # grouped convs over input maps of at least this many pixels: "grouped_large"
 
 
-def kind(kernel, in_channels: int, groups: int, padded: bool) -> str:
-    """The row a conv of `kernel` taps over `in_channels` in `groups` groups belongs to
-    (`padded`: any non-zero padding)."""
+def kind(kernel, in_channels: int, groups: int, padded: bool, in_hw) -> str:
+    """The row a conv of `kernel` taps over `in_channels` in `groups` groups of an `in_hw` input
+    map belongs to (`padded`: any non-zero padding)."""
     if groups > 1:
-        return "depthwise" if groups == in_channels else "grouped"
+        if groups == in_channels:
+            return "depthwise"
+        return "grouped_large" if in_hw[0] * in_hw[1] >= LARGE_HW else "grouped"
     if tuple(kernel) == (1, 1) and not padded:
         return "pointwise"
     return "stem" if in_channels <= STEM_MAX_CIN else "dense"
@@ -74,16 +83,18 @@ def first_available(row) -> str:
     return next(name for name in (*row, "xla") if native.available(name))
 
 
-def engine(op: str, geo, a_aval, b_aval, lowering: str = "auto") -> str:
-    """The engine that computes pass `op` of conv_p (given its operands' avals) on CPU: a
-    forced `lowering` wherever it can compute the pass (lax's otherwise: oneDNN has no
-    float64), else the first available engine of the table's row that can."""
+def engine(op: str, geo, a_aval, b_aval, lowering: str = "auto", in_hw=None) -> str:
+    """The engine that computes pass `op` of conv_p (given its operands' avals, and for
+    bwd_data the input's spatial size `in_hw`) on CPU: a forced `lowering` wherever it can
+    compute the pass (lax's otherwise: oneDNN has no float64), else the first available engine
+    of the table's row that can."""
     from jaxconv.ops import native
     cin = b_aval.shape[2] * geo.groups if op == "bwd_data" else a_aval.shape[3]
+    in_hw = in_hw if op == "bwd_data" else a_aval.shape[1:3]
     dtype = a_aval.dtype
     if lowering != "auto":
         native.load(lowering)   # a clear error if the forced engine cannot be had
         return lowering if can_compute(lowering, dtype, geo) else "xla"
     padded = any(p for side in geo.pads for p in side)
-    row = TABLE[(kind(geo.kernel, cin, geo.groups, padded), op)]
+    row = TABLE[(kind(geo.kernel, cin, geo.groups, padded, in_hw), op)]
     return first_available([name for name in row if can_compute(name, dtype, geo)])
