@@ -18,8 +18,9 @@ below traces a fresh function per engine.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +152,7 @@ def test_forward_mode_and_higher_order_ad(engine, xs, ws, kw):
 def test_concurrent_onednn_calls_match_one_at_a_time():
     """Independent convs and batch-norm gradients in one computation (XLA:CPU runs them
     concurrently, as an Inception module's branches), that computation from three Python
-    threads at once: the values computed alone, bit for bit, and no deadlock."""
+    threads at once: the values computed alone, bit for bit, and every thread done in time."""
     x = jnp.asarray(rand((4, 12, 12, 16), 1))
     ws = [jnp.asarray(rand((k, k, 16, 24), 2 + k)) for k in (1, 3, 5)]
 
@@ -163,11 +164,21 @@ def test_concurrent_onednn_calls_match_one_at_a_time():
         step = jax.jit(jax.grad(branches, argnums=(0, 1)))
         alone = jax.tree.map(np.asarray, step(x, ws))
     assert "jaxconv_onednn_norm_bwd" in step.lower(x, ws).as_text()
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        together = [f.result(timeout=120) for f in [pool.submit(step, x, ws) for _ in range(6)]]
-    for got in together:
+    results = [None] * 3
+
+    def run(i):
+        results[i] = [jax.tree.map(np.asarray, step(x, ws)) for _ in range(2)]
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    for t in threads:   # daemon threads: a deadlock fails here instead of hanging the run
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "concurrent calls did not finish in 120 s"
+    for got in (g for r in results for g in r):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(alone), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), b)
+            np.testing.assert_array_equal(a, b)
 
 
 def test_transposed_conv_forward_mode_ad():
@@ -287,9 +298,11 @@ TARGET = {"onednn": {"jaxconv_onednn_conv"}, "xla": {"stablehlo.convolution"},
 
 
 @pytest.mark.parametrize("row", sorted(policy.TABLE), ids=lambda r: "-".join(r))
-def test_policy_table_row(row):
+def test_policy_table_row(row, monkeypatch):
     """Each (kind, pass) row: the shape is classified as that kind, and the pass, traced and
-    lowered for CPU, runs on the first available engine of the row."""
+    lowered for CPU, runs on the first available engine of the row (on an AVX-512 CPU: the
+    grouped_large rows' condition, whatever this CPU is)."""
+    monkeypatch.setattr(native, "avx512", lambda: True)
     kind, op = row
     xs, ws, kw = ROW_SHAPES[kind]
     geo_pads = kw.get("padding", 0)
@@ -321,21 +334,30 @@ def test_policy_table_row(row):
             assert found and found <= TARGET[second], (row, second, found)
 
 
-def test_grouped_kind_by_map_size():
-    """Grouped convs over maps of LARGE_HW pixels or more have a row of their own, decided by
-    the input map in every pass (bwd_data gets it as in_hw)."""
+def test_grouped_kind_by_map_size(monkeypatch):
+    """Grouped convs over maps of LARGE_HW pixels or more have a row of their own on AVX-512
+    CPUs, decided by the input map in every pass (bwd_data gets it as in_hw)."""
     assert policy.LARGE_HW == 56 * 56
+    monkeypatch.setattr(native, "avx512", lambda: True)
     assert policy.kind((3, 3), 16, 4, True, (56, 56)) == "grouped_large"
     assert policy.kind((3, 3), 16, 4, True, (55, 57)) == "grouped"
     assert policy.kind((3, 3), 16, 16, True, (112, 112)) == "depthwise"
     geo = Geometry((3, 3), stride=(2, 2), pads=((1, 1), (1, 1)), groups=4)
-    x = jax.core.ShapedArray((1, 56, 56, 16), jnp.float32)
-    w = jax.core.ShapedArray((3, 3, 4, 16), jnp.float32)
     gy = jax.core.ShapedArray((1, 28, 28, 16), jnp.float32)
-    wanted = {op: policy.first_available(policy.TABLE[("grouped_large", op)]) for op in policy.PASSES}
-    assert policy.engine("fwd", geo, x, w) == wanted["fwd"]
-    assert policy.engine("bwd_weights", geo, x, gy) == wanted["bwd_weights"]
-    assert policy.engine("bwd_data", geo, gy, w, in_hw=(56, 56)) == wanted["bwd_data"]
+    w = jax.core.ShapedArray((3, 3, 4, 16), jnp.float32)
+    # rows that differ in every pass, so that each answer says which row was taken
+    for op in policy.PASSES:
+        monkeypatch.setitem(policy.TABLE, ("grouped_large", op), ("kernel", "xla"))
+        monkeypatch.setitem(policy.TABLE, ("grouped", op), ("xla",))
+    for hw, want in (((56, 56), "kernel"), ((54, 54), "xla")):
+        x = jax.core.ShapedArray((1, *hw, 16), jnp.float32)
+        assert policy.engine("fwd", geo, x, w) == want
+        assert policy.engine("bwd_weights", geo, x, gy) == want
+        assert policy.engine("bwd_data", geo, gy, w, in_hw=hw) == want
+    with pytest.raises(ValueError, match="in_hw"):
+        policy.engine("bwd_data", geo, gy, w)
+    monkeypatch.setattr(native, "avx512", lambda: False)   # the kernel is slow there on AVX2
+    assert policy.kind((3, 3), 16, 4, True, (56, 56)) == "grouped"
 
 
 def test_policy_falls_back_when_an_engine_is_missing(monkeypatch):

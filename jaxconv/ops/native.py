@@ -78,6 +78,12 @@ def _cpu() -> str:
         return platform.machine()
 
 
+@functools.cache
+def avx512() -> bool:
+    """Whether this CPU has AVX-512 (avx512f), for which jaxconv's kernel is tuned."""
+    return "avx512f" in _cpu().split()
+
+
 def onednn_paths() -> tuple[Path, Path]:
     """(include dir, libdnnl.so path) of oneDNN: $JAXCONV_ONEDNN_ROOT, else the PyPI wheels."""
     root = os.environ.get("JAXCONV_ONEDNN_ROOT")

@@ -30,10 +30,12 @@ KINDS = ("pointwise", "depthwise", "grouped", "grouped_large", "stem", "dense")
 #   dense      onednn 0.85 / 1.04 / 0.95   kernel 7.6 / 23 / 4.7    xla 3.5 / 1.4 / 6.5
 # (fwd / bwd_data / bwd_weights; * grouped forward with 4 channels a group as the transposed
 # problem's backward data, oneDNN 3.2 having only its gemm forward there on AVX2)
-# grouped_large: grouped convs over maps of at least LARGE_HW pixels. On 2 AVX-512 cores (the
-# ResNeXts' grouped layers, batch 8; BENCHMARKS.md, "The kernel's weight gradient on large maps")
-# the kernel's bwd_weights was 0.39-0.56x torch on every such layer but one (a tie, 0.97 vs
-# 0.96), oneDNN's 0.85-1.07x; on 28x28 and smaller maps the kernel was 1.0-2.9x, oneDNN 0.6-1.0x.
+# grouped_large: grouped convs over maps of at least LARGE_HW pixels, on CPUs with AVX-512 (the
+# kernel's vector code; on the AVX2 VM above its grouped bwd_weights was 5.5x). On 2 AVX-512
+# cores (the ResNeXts' grouped layers, batch 8; BENCHMARKS.md, "The kernel's weight gradient on
+# large maps") the kernel's bwd_weights was 0.39-0.56x torch (min ratios; medians 0.36-0.77) on
+# every such layer but one (a tie, 0.97 vs 0.96), oneDNN's 0.85-1.07x; on 28x28 and smaller
+# maps the kernel was 1.0-2.9x, oneDNN 0.64-1.22x.
 ENGINE_ORDER = {
     "pointwise": {"fwd": ("onednn", "matmul", "xla"), "bwd_data": ("onednn", "matmul", "xla"),
                   "bwd_weights": ("onednn", "matmul", "xla")},
@@ -48,16 +50,18 @@ ENGINE_ORDER = {
 TABLE: dict[tuple[str, str], tuple[str, ...]] = {
     (k, p): engines for k, row in ENGINE_ORDER.items() for p, engines in row.items()}
 STEM_MAX_CIN = 32   # dense convs with at most this many input channels are "stem" convs
-LARGE_HW = 56 * 56  # grouped convs over input maps of at least this many pixels: "grouped_large"
+LARGE_HW = 56 * 56  # grouped convs over input maps of this many pixels or more (with AVX-512)
 
 
 def kind(kernel, in_channels: int, groups: int, padded: bool, in_hw) -> str:
     """The row a conv of `kernel` taps over `in_channels` in `groups` groups of an `in_hw` input
-    map belongs to (`padded`: any non-zero padding)."""
+    map belongs to (`padded`: any non-zero padding); grouped_large only on AVX-512 CPUs."""
+    from jaxconv.ops import native
     if groups > 1:
         if groups == in_channels:
             return "depthwise"
-        return "grouped_large" if in_hw[0] * in_hw[1] >= LARGE_HW else "grouped"
+        large = in_hw[0] * in_hw[1] >= LARGE_HW and native.avx512()
+        return "grouped_large" if large else "grouped"
     if tuple(kernel) == (1, 1) and not padded:
         return "pointwise"
     return "stem" if in_channels <= STEM_MAX_CIN else "dense"
@@ -90,6 +94,8 @@ def engine(op: str, geo, a_aval, b_aval, lowering: str = "auto", in_hw=None) -> 
     of the table's row that can."""
     from jaxconv.ops import native
     cin = b_aval.shape[2] * geo.groups if op == "bwd_data" else a_aval.shape[3]
+    if op == "bwd_data" and in_hw is None:
+        raise ValueError("in_hw: bwd_data needs the input's spatial size, got None")
     in_hw = in_hw if op == "bwd_data" else a_aval.shape[1:3]
     dtype = a_aval.dtype
     if lowering != "auto":
