@@ -11,13 +11,13 @@ engine (jaxconv.config.conv_lowering forced, or 'auto' = the policy table) vs to
 (oneDNN) on channels_last tensors: torch.nn.functional.conv2d and
 torch.ops.aten.convolution_backward with the same output mask.
 
---models: every registered model (or --names) at its native size: inference (eval mode,
-jax.jit of the split model / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD momentum
-update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on channels_last. Each
-framework runs in a process of its own, as in real use; sharing one process, each slowed the
-other: torch's tensors took the heap memory XLA:CPU frees between calls (jaxconv's next train
-step faulted up to 70k pages in anew), and torch ran up to 2x slower after jaxconv's calls
-(MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole models").
+--models: every registered model (or --names) at its native size: inference (eval mode, jax.jit
+of the split model / torch.no_grad) and a train step (cross-entropy, forward, backward, SGD
+momentum update; torch.optim.SGD) at batch `--model-batch`, jaxconv vs torch_ref on
+channels_last. Each framework runs in a process of its own, as in real use; sharing one process,
+each slowed the other: torch's tensors took the heap memory XLA:CPU frees between calls
+(jaxconv's next train step faulted up to 70k pages in anew), and torch ran up to 2x slower after
+jaxconv's calls (MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole models").
 
 --bn-fold: what folding eval BatchNorms into the convs could save at most: each model's
 inference with every BatchNorm2d replaced by the identity, against the same model with them.
@@ -31,6 +31,7 @@ The 1-minute load average before and after is printed; a loaded machine skews bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -86,6 +87,17 @@ def _serve(conn):
             conn.send(list(fns))
         else:
             conn.send(_timed(fns[msg]))
+
+
+@contextlib.contextmanager
+def _workers():
+    """(jaxconv's worker, torch's worker), both closed on the way out."""
+    jax_worker, torch_worker = _Worker(), _Worker()
+    try:
+        yield jax_worker, torch_worker
+    finally:
+        jax_worker.close()
+        torch_worker.close()
 
 
 def _interleaved(fns, repeats):
@@ -228,21 +240,19 @@ def bench_layers(args):
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     rows = []
-    jax_worker, torch_worker = _Worker(), _Worker()
-    for name, layer in layers:
-        fns = {**jax_worker.fns(_jax_layer_fns, layer, args.batch, args.engines, args.passes),
-               **torch_worker.fns(_torch_layer_fns, layer, args.batch, args.passes, args.threads)}
-        res = _interleaved(fns, args.repeats)
-        h, w, c = layer.in_hwc
-        row = [name, layer.kind, f"{c}->{layer.out_channels}, {layer.kernel_size[0]}x"
-               f"{layer.kernel_size[1]}, {h}x{w}, {layer.stride[0]}, {layer.padding}, {layer.groups}"]
-        for p in args.passes:
-            row += [_fmt(res[("torch", p)])] + [_ratio(res[(e, p)], res[("torch", p)])
-                                                for e in args.engines]
-        print("| " + " | ".join(row) + " |", flush=True)
-        rows.append((name, layer, res))
-    jax_worker.close()
-    torch_worker.close()
+    with _workers() as (jax_worker, torch_worker):
+        for name, layer in layers:
+            fns = {**jax_worker.fns(_jax_layer_fns, layer, args.batch, args.engines, args.passes),
+                   **torch_worker.fns(_torch_layer_fns, layer, args.batch, args.passes, args.threads)}
+            res = _interleaved(fns, args.repeats)
+            h, w, c = layer.in_hwc
+            row = [name, layer.kind, f"{c}->{layer.out_channels}, {layer.kernel_size[0]}x"
+                   f"{layer.kernel_size[1]}, {h}x{w}, {layer.stride[0]}, {layer.padding}, {layer.groups}"]
+            for p in args.passes:
+                row += [_fmt(res[("torch", p)])] + [_ratio(res[(e, p)], res[("torch", p)])
+                                                    for e in args.engines]
+            print("| " + " | ".join(row) + " |", flush=True)
+            rows.append((name, layer, res))
     return rows
 
 
@@ -338,20 +348,18 @@ def bench_models(args):
     print("| model, batch x size | pass | torch_ref ms (min / med) | " + " | ".join(
         f"jaxconv {n} ms | {n} / torch" for n in args.engines) + " |")
     print("|---|---|---|" + "---|---|" * len(args.engines))
-    jax_worker, torch_worker = _Worker(), _Worker()
-    for name in names:
-        size = input_size(name)
-        fns = {**jax_worker.fns(_jax_model_fns, name, args.model_batch, size, args.engines),
-               **torch_worker.fns(_torch_model_fns, name, args.model_batch, size, args.threads)}
-        for p in ("inference", "train step"):
-            res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
-            cells = []
-            for n in args.engines:
-                cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
-            print(f"| {name}, {args.model_batch} x {size} | {p} | {_fmt(res[('torch', p)])} | "
-                  + " | ".join(cells) + " |", flush=True)
-    jax_worker.close()
-    torch_worker.close()
+    with _workers() as (jax_worker, torch_worker):
+        for name in names:
+            size = input_size(name)
+            fns = {**jax_worker.fns(_jax_model_fns, name, args.model_batch, size, args.engines),
+                   **torch_worker.fns(_torch_model_fns, name, args.model_batch, size, args.threads)}
+            for p in ("inference", "train step"):
+                res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
+                cells = []
+                for n in args.engines:
+                    cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
+                print(f"| {name}, {args.model_batch} x {size} | {p} | {_fmt(res[('torch', p)])} | "
+                      + " | ".join(cells) + " |", flush=True)
 
 
 def bench_bn_fold(args):

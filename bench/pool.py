@@ -3,7 +3,7 @@ pools of the registered models.
 
     python -m bench pool [--repeats 15] [--threads N]
 
-Each framework runs in a process of its own (bench.conv._Worker).
+Each framework runs in a process of its own (bench.conv._workers).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from bench.conv import _fmt, _interleaved, _ratio, _torch, _Worker
+from bench.conv import _fmt, _interleaved, _ratio, _torch, _workers
 
 # (where, NHWC shape, kernel, stride, padding, ceil_mode); "avg" in `where`: avg_pool2d
 POOLS = (("googlenet maxpool1", (8, 112, 112, 64), 3, 2, 0, True),
@@ -67,14 +67,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print("| pool | NHWC, k / s / p, ceil | torch ms (min / med) | jaxconv ms | jaxconv / torch |")
     print("|---|---|---|---|---|")
-    jax_worker, torch_worker = _Worker(), _Worker()
-    try:
+    with _workers() as (jax_worker, torch_worker):
         for pool in POOLS:
             fns = {**jax_worker.fns(_jax_fns, *pool), **torch_worker.fns(_torch_fns, *pool, args.threads)}
             r = _interleaved(fns, args.repeats)
             where, shape, k, s, p, ceil = pool
             print(f"| {where} | {'x'.join(map(str, shape))}, {k} / {s} / {p}, {ceil} | {_fmt(r['torch'])} "
                   f"| {_fmt(r['jaxconv'])} | {_ratio(r['jaxconv'], r['torch'])} |", flush=True)
-    finally:
-        jax_worker.close()
-        torch_worker.close()
