@@ -1,12 +1,14 @@
 """Deformable convolution: jaxconv.ops.deform_conv2d vs torch_ref.deform.deform_conv2d, side by side.
 
     python -m bench deform [--repeats 5] [--no-mask] [--batch 8] [--threads N] [--shapes 0,1,...]
+                           [--device cuda]
 
 For DCN layer shapes (3x3, padding 1, batch 8; the last six are resnext50_32x4d_dcn's grouped
 ones): forward, and forward + backward (gradients with respect to x, offset, mask, weight and
 bias), min and median wall time over `repeats` runs after one warm-up run, the two libraries
 interleaved run by run. jaxconv is jitted and timed with jax.block_until_ready; torch runs
-eagerly with torch.set_num_threads(threads) (default: all cores, what XLA's CPU client uses).
+eagerly with torch.set_num_threads(threads) (default: all cores, what XLA's CPU client uses), on
+the CPU or with `--device cuda` on the GPU (synchronised before each time is read).
 ratio = jaxconv / torch_ref (below 1: jaxconv is faster). The 1-minute load average before and
 after is printed: other processes on the machine skew both columns.
 """
@@ -50,18 +52,20 @@ def _jax_fns(x, offset, weight, bias, mask, stride):
             lambda: jax.block_until_ready(grad(*args, mask)))
 
 
-def _torch_fns(x, offset, weight, bias, mask, stride):
+def _torch_fns(x, offset, weight, bias, mask, stride, device="cpu"):
     import torch
 
     from torch_ref.deform import deform_conv2d
 
-    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2))  # noqa: E731
-    ts = [nchw(x), nchw(offset), torch.tensor(weight.transpose(3, 2, 0, 1)), torch.tensor(bias),
-          None if mask is None else nchw(mask)]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2)).to(device)  # noqa: E731
+    ts = [nchw(x), nchw(offset), torch.tensor(weight.transpose(3, 2, 0, 1)).to(device),
+          torch.tensor(bias).to(device), None if mask is None else nchw(mask)]
 
     def fwd():
         with torch.no_grad():
             deform_conv2d(ts[0], ts[1], ts[2], ts[3], stride, 1, 1, ts[4])
+        sync()
 
     leaves = [t.clone().requires_grad_() for t in ts if t is not None]
     g_out = None
@@ -74,6 +78,7 @@ def _torch_fns(x, offset, weight, bias, mask, stride):
         out = deform_conv2d(a[0], a[1], a[2], a[3], stride, 1, 1, a[4])
         g_out = torch.ones_like(out) if g_out is None else g_out
         out.backward(g_out)
+        sync()
 
     return fwd, fwd_bwd
 
@@ -87,6 +92,7 @@ def main(argv=None):
     p.add_argument("--no-mask", action="store_true", help="DCNv1 (no modulation mask)")
     p.add_argument("--shapes", default=",".join(map(str, range(len(SHAPES)))),
                    help="indices into " + str(SHAPES))
+    p.add_argument("--device", default="cpu", help="torch's device (cpu, cuda)")
     args = p.parse_args(argv)
 
     import jax
@@ -97,7 +103,7 @@ def main(argv=None):
           f"3x3, padding 1, float32, {args.repeats} repeats")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); load before {os.getloadavg()[0]:.2f}")
+          f"({torch.get_num_threads()} threads, {args.device}); load before {os.getloadavg()[0]:.2f}")
     header = ("| C_in->C_out, HxW, stride, groups | jaxconv fwd ms (min / med) | torch_ref fwd ms | fwd ratio "
               "| jaxconv fwd+bwd ms | torch_ref fwd+bwd ms | fwd+bwd ratio |")
     print(header)
@@ -113,7 +119,7 @@ def main(argv=None):
         bias = rng.standard_normal(cout).astype(np.float32)
         mask = None if args.no_mask else rng.uniform(0, 1, (n, ho, ho, k)).astype(np.float32)
         jf, jb = _jax_fns(x, offset, weight, bias, mask, stride)
-        tf, tb = _torch_fns(x, offset, weight, bias, mask, stride)
+        tf, tb = _torch_fns(x, offset, weight, bias, mask, stride, args.device)
         row = []
         for jfn, tfn in ((jf, tf), (jb, tb)):
             r = _interleaved({"jax": jfn, "torch": tfn}, args.repeats)
