@@ -57,7 +57,7 @@ def _torch_fns(x, offset, weight, bias, mask, stride, device="cpu"):
 
     from torch_ref.deform import deform_conv2d
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2)).to(device)  # noqa: E731
     ts = [nchw(x), nchw(offset), torch.tensor(weight.transpose(3, 2, 0, 1)).to(device),
           torch.tensor(bias).to(device), None if mask is None else nchw(mask)]
@@ -124,7 +124,7 @@ def main(argv=None):
         for jfn, tfn in ((jf, tf), (jb, tb)):
             r = _interleaved({"jax": jfn, "torch": tfn}, args.repeats)
             (jmin, jmed), (tmin, tmed) = r["jax"], r["torch"]
-            row += [f"{1e3 * jmin:.0f} / {1e3 * jmed:.0f}", f"{1e3 * tmin:.0f} / {1e3 * tmed:.0f}",
+            row += [f"{1e3 * jmin:.2f} / {1e3 * jmed:.2f}", f"{1e3 * tmin:.2f} / {1e3 * tmed:.2f}",
                     f"{jmin / tmin:.2f}"]
         print(f"| {cin}->{cout}, {hw}x{hw}, {stride}, {groups} | " + " | ".join(row) + " |",
               flush=True)
