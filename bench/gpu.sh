@@ -35,17 +35,11 @@ part train timeout 100 $PY -m bench train --model resnext50_32x4d --batch 64 --s
     --dtype bfloat16 --device cuda
 # inference of every model (or $GPU_MODELS), and DCNv2 forward + backward
 part inference timeout 200 $PY - <<'PYEOF'
-import os, statistics, time, numpy as np, jax, jax.numpy as jnp, torch
+import os, time, numpy as np, jax, jax.numpy as jnp, torch
 from flax import nnx
 import torch_ref
+from bench.conv import _interleaved
 from jaxconv.models import create_model, input_size, list_models
-
-def median_ms(fn, sync, n=20):
-    for _ in range(3): fn(); sync()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 names = os.environ["GPU_MODELS"].split(",") if os.environ.get("GPU_MODELS") else list_models()
 for name in names:
@@ -54,12 +48,15 @@ for name in names:
     graphdef, state = nnx.split(m)
     f = jax.jit(lambda state, x, g=graphdef: nnx.merge(g, state)(x)); xj = jnp.asarray(x)
     t = time.perf_counter(); f(state, xj).block_until_ready(); compile_s = time.perf_counter() - t
-    out = []
-    tj = median_ms(lambda: out.append(f(state, xj)), lambda: out.pop().block_until_ready())
     tm = torch_ref.create_model(name).cuda().eval().to(memory_format=torch.channels_last)
     xt = torch.tensor(x.transpose(0, 3, 1, 2)).cuda().contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        tt = median_ms(lambda: tm(xt), torch.cuda.synchronize)
+
+    def torch_call():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            tm(xt)
+        torch.cuda.synchronize()
+    r = _interleaved({"jax": lambda: f(state, xj).block_until_ready(), "torch": torch_call}, 20)
+    tj, tt = 1e3 * r["jax"][1], 1e3 * r["torch"][1]   # medians
     print(f"inference bf16 batch 32 {name}: jaxconv {tj:.2f} ms (first call {compile_s:.0f} s), "
           f"torch {tt:.2f} ms, ratio {tj / tt:.2f}", flush=True)
 PYEOF
