@@ -171,3 +171,45 @@ def test_max_pool_gradient_goes_to_the_first_maximum_as_torch(kw):
     fwd, rev = (jax.jacfwd(lambda v: ops.max_pool2d(v, **kw))(small),
                 jax.jacrev(lambda v: ops.max_pool2d(v, **kw))(small))
     np.testing.assert_array_equal(np.asarray(fwd), np.asarray(rev))
+
+
+@pytest.mark.parametrize("path", ["kernel", "formula", "no kernel"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 1),
+                                     dilation=(2, 1))])
+def test_max_pool_gradient_paths_match_torch(path, kw, monkeypatch):
+    """The gradient of every path (jaxconv's CPU kernel, the XLA formula under
+    conv_lowering='xla', the formula when the kernel is missing) equals torch's on ties, NaN and
+    windows of -inf (torch: the window's first element inside the input); vmap of the gradient
+    and the Hessian-vector product go through the same primitives."""
+    import torch
+
+    from jaxconv import config
+    from jaxconv.ops import native, pool
+    if path == "no kernel":
+        monkeypatch.setattr(pool.native, "available", lambda name: False)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, (2, 8, 7, 20)).astype(np.float32)
+    x[0, :4, :4] = -np.inf
+    x[1, 5, 2, 3] = np.nan
+    f = functools.partial(ops.max_pool2d, **kw)
+    g = rng.standard_normal(np.asarray(f(jnp.asarray(x))).shape).astype(np.float32)
+    loss = lambda x: jnp.sum(jnp.nan_to_num(f(x)) * g)  # noqa: E731
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    (torch.nan_to_num(torch.nn.functional.max_pool2d(tx, **kw))
+     * torch.tensor(g.transpose(0, 3, 1, 2))).sum().backward()
+    want = tx.grad.numpy().transpose(0, 2, 3, 1)
+    with config.use_conv_lowering("xla" if path == "formula" else "auto"):
+        hlo = jax.jit(jax.grad(loss)).lower(jnp.asarray(x)).as_text()
+        grad = jax.jit(jax.grad(loss))(jnp.asarray(x))
+        per_image = jax.vmap(jax.grad(lambda v, gi: jnp.sum(jnp.nan_to_num(f(v[None])) * gi)))(
+            jnp.asarray(x), jnp.asarray(g))
+        xs = jnp.asarray(rng.standard_normal((1, 6, 5, 3)), jnp.float32)
+        hvp = jax.jvp(jax.grad(lambda v: jnp.sum(f(v) ** 2)), (xs,), (jnp.ones_like(xs),))[1]
+    assert ("jaxconv_max_pool_bwd" in hlo) == (path == "kernel" and native.available("kernel"))
+    np.testing.assert_array_equal(np.asarray(grad), want)
+    np.testing.assert_array_equal(np.asarray(per_image), want)
+    txs = torch.tensor(np.asarray(xs).transpose(0, 3, 1, 2))
+    th = torch.autograd.functional.hvp(
+        lambda v: (torch.nn.functional.max_pool2d(v, **kw) ** 2).sum(), txs, torch.ones_like(txs))[1]
+    np.testing.assert_allclose(np.asarray(hvp), th.numpy().transpose(0, 2, 3, 1), rtol=1e-6)

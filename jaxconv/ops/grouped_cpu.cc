@@ -1,6 +1,7 @@
-// Direct grouped / depthwise 2-D convolution for XLA:CPU, called through the XLA FFI
-// (jaxconv.ops.cpu_kernel builds this file and registers the handlers; jaxconv.ops.grouped
-// uses them as the "kernel" formulation).
+// jaxconv's own CPU kernels for XLA:CPU, called through the XLA FFI (engine "kernel";
+// jaxconv.ops.native builds this file and registers the handlers): a direct grouped /
+// depthwise 2-D convolution (jaxconv.ops.cpu_conv) and max pooling's forward with the winning
+// tap and its backward (jaxconv.ops.pool; at the end of this file).
 //
 // Layouts: x (N, H, W, C_in) NHWC, w (KH, KW, C_in/G, C_out) HWIO, y (N, Ho, Wo, C_out).
 // Zero padding (lo may be negative: a crop) and input dilation (the input gradient of a
@@ -22,9 +23,11 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -443,6 +446,157 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------ max pooling
+// Forward: y = the maximum of each window of x (NHWC), won = the window tap (i * KW + j) it
+// came from: the first maximum in row-major order, a NaN replacing what came before (torch's
+// CPU rule); taps outside the input (padding) never take part, and a window of -inf only keeps
+// its first tap inside the input. Backward: dx = each dy added at its window's winning tap.
+// Both vectorise over channels and split rows (of the output, of the input) over XLA's threads.
+struct Window {
+  int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, pt, pl;
+  // the in-input tap range [lo, hi) of output row/column o along one axis
+  static void range(int64_t o, int64_t s, int64_t d, int64_t p, int64_t k, int64_t size,
+                    int64_t& lo, int64_t& hi) {
+    int64_t start = o * s - p;
+    lo = start >= 0 ? 0 : (-start + d - 1) / d;
+    hi = std::min<int64_t>(k, size - start > 0 ? (size - start + d - 1) / d : 0);
+  }
+};
+
+template <typename T>
+void pool_forward(ffi::ThreadPool& pool, const Window& g, const T* x, T* y, int32_t* won) {
+  auto body = [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / g.ho, oh = r % g.ho, i0, i1;
+      Window::range(oh, g.sh, g.dh, g.pt, g.kh, g.h, i0, i1);
+      for (int64_t ow = 0; ow < g.wo; ++ow) {
+        int64_t j0, j1;
+        Window::range(ow, g.sw, g.dw, g.pl, g.kw, g.w, j0, j1);
+        T* yp = y + (r * g.wo + ow) * g.c;
+        int32_t* wp = won + (r * g.wo + ow) * g.c;
+        const int32_t first = static_cast<int32_t>(i0 * g.kw + j0);
+        for (int64_t c = 0; c < g.c; ++c) {
+          yp[c] = -std::numeric_limits<T>::infinity();
+          wp[c] = first;
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          int64_t ih = oh * g.sh - g.pt + i * g.dh;
+          for (int64_t j = j0; j < j1; ++j) {
+            int64_t iw = ow * g.sw - g.pl + j * g.dw;
+            const T* xp = x + ((n * g.h + ih) * g.w + iw) * g.c;
+            const int32_t tap = static_cast<int32_t>(i * g.kw + j);
+            for (int64_t c = 0; c < g.c; ++c) {
+              T v = xp[c];
+              bool take = v > yp[c] || v != v;
+              yp[c] = take ? v : yp[c];
+              wp[c] = take ? tap : wp[c];
+            }
+          }
+        }
+      }
+    }
+  };
+  parallel_for(pool, g.n * g.ho, 8 * std::max<int64_t>(1, pool.num_threads()), body);
+}
+
+// Along one axis of `size` inputs: for input i, the (tap, output) pairs of the windows that
+// read it, as hits[first[i] .. first[i + 1]), outputs ascending: sums then run in torch's
+// order (its backward adds each output's gradient in turn), so the results are torch's bits.
+struct Hits {
+  std::vector<int64_t> first;
+  std::vector<std::pair<int64_t, int64_t>> hits;
+  Hits(int64_t size, int64_t out, int64_t k, int64_t s, int64_t d, int64_t p) : first{0} {
+    for (int64_t i = 0; i < size; ++i) {
+      for (int64_t t = k - 1; t >= 0; --t) {
+        int64_t o = i + p - t * d;   // o * s for the window whose tap t reads input i
+        if (o >= 0 && o % s == 0 && o / s < out) hits.emplace_back(t, o / s);
+      }
+      first.push_back(static_cast<int64_t>(hits.size()));
+    }
+  }
+};
+
+template <typename T>
+void pool_backward(ffi::ThreadPool& pool, const Window& g, const T* dy, const int32_t* won,
+                   T* dx) {
+  // each input element sums, over the windows that read it, dy where it won: written once
+  const Hits rows(g.h, g.ho, g.kh, g.sh, g.dh, g.pt), cols(g.w, g.wo, g.kw, g.sw, g.dw, g.pl);
+  auto body = [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t n = r / g.h, ih = r % g.h;
+      for (int64_t iw = 0; iw < g.w; ++iw) {
+        T* dxp = dx + (r * g.w + iw) * g.c;
+        std::fill(dxp, dxp + g.c, T(0));
+        for (int64_t a = rows.first[ih]; a < rows.first[ih + 1]; ++a) {
+          auto [i, oh] = rows.hits[a];
+          for (int64_t b = cols.first[iw]; b < cols.first[iw + 1]; ++b) {
+            auto [j, ow] = cols.hits[b];
+            int64_t o = ((n * g.ho + oh) * g.wo + ow) * g.c;
+            const T* dyp = dy + o;
+            const int32_t* wp = won + o;
+            const int32_t tap = static_cast<int32_t>(i * g.kw + j);
+            for (int64_t c = 0; c < g.c; ++c) dxp[c] += wp[c] == tap ? dyp[c] : T(0);
+          }
+        }
+      }
+    }
+  };
+  parallel_for(pool, g.n * g.h, 8 * std::max<int64_t>(1, pool.num_threads()), body);
+}
+
+ffi::Error check_pool(ffi::AnyBuffer x, ffi::AnyBuffer y) {
+  if (x.dimensions().size() != 4 || y.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("jaxconv max pool: expected 4-D NHWC operands");
+  auto t = x.element_type();
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::F64) || y.element_type() != t)
+    return ffi::Error::InvalidArgument("jaxconv max pool: float32 or float64 only");
+  return ffi::Error::Success();
+}
+
+Window window(ffi::AnyBuffer x, ffi::AnyBuffer y, int64_t kh, int64_t kw, int64_t sh,
+              int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  auto a = x.dimensions(), b = y.dimensions();
+  return {a[0], a[1], a[2], a[3], b[1], b[2], kh, kw, sh, sw, dh, dw, pt, pl};
+}
+
+ffi::Error PoolForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> won, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  if (auto e = check_pool(x, *y); e.failure()) return e;
+  Window g = window(x, *y, kh, kw, sh, sw, dh, dw, pt, pl);
+  int32_t* wp = static_cast<int32_t*>(won->untyped_data());
+  if (x.element_type() == ffi::DataType::F32)
+    pool_forward<float>(pool, g, x.typed_data<float>(), y->typed_data<float>(), wp);
+  else
+    pool_forward<double>(pool, g, x.typed_data<double>(), y->typed_data<double>(), wp);
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolBackward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer won,
+                        ffi::Result<ffi::AnyBuffer> dx, int64_t kh, int64_t kw, int64_t sh,
+                        int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
+  if (auto e = check_pool(*dx, dy); e.failure()) return e;
+  Window g = window(*dx, dy, kh, kw, sh, sw, dh, dw, pt, pl);
+  const int32_t* wp = static_cast<const int32_t*>(won.untyped_data());
+  if (dy.element_type() == ffi::DataType::F32)
+    pool_backward<float>(pool, g, dy.typed_data<float>(), wp, dx->typed_data<float>());
+  else
+    pool_backward<double>(pool, g, dy.typed_data<double>(), wp, dx->typed_data<double>());
+  return ffi::Error::Success();
+}
+
+template <class Binding>
+auto pool_attrs(Binding b) {
+  return std::move(b).template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("dh")
+      .template Attr<int64_t>("dw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pl");
+}
+
 auto binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -463,3 +617,15 @@ auto binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConv, Impl<false>, binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvGroupedConvWgrad, Impl<true>, binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvMaxPool, PoolForward,
+                              pool_attrs(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvMaxPoolBackward, PoolBackward,
+                              pool_attrs(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Arg<ffi::AnyBuffer>()
+                                             .Ret<ffi::AnyBuffer>()));

@@ -1,7 +1,7 @@
 """jaxconv's native CPU code, built on first use and registered with the XLA FFI.
 
-Three C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution,
-engine "kernel"), ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
+Three C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution
+and max-pooling kernels, engine "kernel"), ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
 backward primitives, engine "onednn") and ``barrier.cc`` (the no-op behind
 ``ops.fusion_barrier``). Each is compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, into
@@ -44,8 +44,10 @@ class Library:
 
 LIBRARIES = {
     "kernel": Library("grouped_cpu.cc", {"jaxconv_grouped_conv": "JaxconvGroupedConv",
-                                         "jaxconv_grouped_conv_wgrad": "JaxconvGroupedConvWgrad"},
-                      "jaxconv's CPU convolution kernel"),
+                                         "jaxconv_grouped_conv_wgrad": "JaxconvGroupedConvWgrad",
+                                         "jaxconv_max_pool": "JaxconvMaxPool",
+                                         "jaxconv_max_pool_bwd": "JaxconvMaxPoolBackward"},
+                      "jaxconv's CPU kernels (convolution, max pooling)"),
     "onednn": Library("onednn.cc", {"jaxconv_onednn_conv": "JaxconvOnednnConv",
                                     "jaxconv_onednn_norm_bwd": "JaxconvOnednnNormBackward"},
                       "the oneDNN engine"),

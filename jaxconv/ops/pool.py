@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
+from jaxconv import config
+from jaxconv.ops import native
 from jaxconv.ops._args import check_rank, pair
 from jaxconv.ops.barrier import fusion_barrier
 
@@ -92,22 +96,161 @@ def _max_pool(x, window):
 
 @_max_pool.defjvp
 def _max_pool_jvp(window, primals, tangents):
-    """The tangent at each window's first maximum: the running maximum over the taps (the
-    primal output: max is exact) records which tap won, and the tangent is the sum over the
-    taps masked by it. Unlike jnp.max over the taps, this does not average ties. Fusion
-    barriers make XLA compute the winner map once (not in every tap's pass of the gradient) and
-    the gradient once (not its nine padded pieces inside every consumer); 1.05-2.4x faster than
-    the scatter-add it replaced (BENCHMARKS.md, "Pooling")."""
+    """Each window's tangent at its winning tap (argmax_p, gather_p below); reverse mode
+    transposes gather_p into scatter_p."""
     (x,), (t,) = primals, tangents
+    y, won = argmax_p.bind(x, window=window, lowering=config.conv_lowering)
+    return y, gather_p.bind(t, won, window=window, lowering=config.conv_lowering)
+
+
+# ------------------------------------------------------------------ max pooling's derivatives
+# Three primitives carry max pooling through JAX's transformations (`won`: int32, per output
+# element, the window tap i * k_w + j its maximum came from):
+#   argmax_p   x -> (y, won)       the first maximum in row-major order, NaN counting as one
+#                                  (torch's rule); a window of -inf keeps its first tap inside
+#                                  the input, as torch
+#   gather_p   (t, won) -> t_y     each window's t at its winning tap (linear in t)
+#   scatter_p  (ct, won) -> ct_x   gather_p's transpose: ct added at each winning tap
+# On CPU, float32 / float64, argmax_p and scatter_p are jaxconv's kernels (grouped_cpu.cc,
+# engine "kernel": one pass each, where XLA ran the formulas as several fusions; measured on
+# whole train steps in BENCHMARKS.md, "Pooling") unless the conv lowering is 'xla' or the
+# kernel is missing; elsewhere, and gather_p always, the formulas below.
+
+def _first_tap(window, in_hw) -> np.ndarray:
+    """(out_h, out_w) int32: each window's first tap inside the input."""
+    k, s, d, pads, out_hw = window
+    first = []
+    for size, ki, si, di, (lo, _), out in zip(in_hw, k, s, d, pads, out_hw):
+        start = np.arange(out) * si - lo
+        first.append(np.where(start >= 0, 0, (-start + di - 1) // di))
+    return (first[0][:, None] * k[1] + first[1][None, :]).astype(np.int32)
+
+
+def _argmax(x, *, window, lowering=None):
     xs = _taps(x, window, np.array(-np.inf, x.dtype))
-    best, won = xs[0], jnp.zeros(xs[0].shape, jnp.int32)
-    for i, xt in enumerate(xs[1:], 1):
+    best = jnp.full(xs[0].shape, -np.inf, x.dtype)
+    won = jnp.broadcast_to(_first_tap(window, x.shape[1:3])[None, :, :, None], xs[0].shape)
+    for i, xt in enumerate(xs):
         take = (xt > best) | jnp.isnan(xt)
         best, won = jnp.where(take, xt, best), jnp.where(take, i, won)
-    won = fusion_barrier(won)
+    return best, fusion_barrier(won)   # computed once, not in every tap's pass of the gradient
+
+
+def _gather(t, won, *, window, lowering=None):
+    """The barriers keep the gradient's sum of the taps' pads in one place, not in every
+    consumer of the pool's input (BENCHMARKS.md, "Pooling")."""
     ts = _taps(fusion_barrier(t), window, np.array(0, t.dtype))
-    masked = (jnp.where(won == i, tt, 0) for i, tt in enumerate(ts))
-    return best, fusion_barrier(functools.reduce(jnp.add, masked))
+    return fusion_barrier(functools.reduce(jnp.add, (jnp.where(won == i, tt, 0)
+                                                     for i, tt in enumerate(ts))))
+
+
+def _scatter(ct, won, *, window, in_hw, lowering=None):
+    t = jax.ShapeDtypeStruct((ct.shape[0], *in_hw, ct.shape[3]), ct.dtype)
+    return jax.linear_transpose(lambda t: _gather(t, won, window=window), t)(ct)[0]
+
+
+def _pool_primitive(name, formula, multiple_results=False):
+    """A primitive computed by `formula` (its shapes, eager evaluation and lowering off CPU);
+    vmap folds the mapped axis into the batch."""
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+
+    def abstract(*avals, **params):
+        out = jax.eval_shape(functools.partial(formula, **params), *avals)
+        return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
+
+    def batch(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+        outs = p.bind(*(a.reshape(-1, *a.shape[2:]) for a in args), **params)
+        unfold = lambda o: o.reshape(size, -1, *o.shape[1:])  # noqa: E731
+        return (([unfold(o) for o in outs], [0] * len(outs)) if multiple_results
+                else (unfold(outs), 0))
+
+    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
+    p.def_abstract_eval(abstract)
+    p.def_impl(lambda *args, **params: compiled(**params)(*args))
+    mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
+    batching.primitive_batchers[p] = batch
+    return p
+
+
+argmax_p = _pool_primitive("jaxconv_max_pool", _argmax, multiple_results=True)
+gather_p = _pool_primitive("jaxconv_max_pool_gather", _gather)
+scatter_p = _pool_primitive("jaxconv_max_pool_scatter", _scatter)
+
+
+def _kernel_attrs(window):
+    k, s, d, ((pt, _), (pl, _)), _ = window
+    values = dict(kh=k[0], kw=k[1], sh=s[0], sw=s[1], dh=d[0], dw=d[1], pt=pt, pl=pl)
+    return {name: np.int64(v) for name, v in values.items()}
+
+
+def _on_kernel(aval, lowering) -> bool:
+    return (aval.dtype in (np.float32, np.float64) and 0 not in aval.shape
+            and lowering != "xla" and native.available("kernel"))
+
+
+def _argmax_cpu(ctx, x, *, window, lowering):
+    if not _on_kernel(ctx.avals_in[0], lowering):
+        return mlir.lower_fun(functools.partial(_argmax, window=window), True)(ctx, x)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
+    call = jax.ffi.ffi_call("jaxconv_max_pool", shapes)
+    return mlir.lower_fun(lambda x: call(x, **_kernel_attrs(window)), True)(ctx, x)
+
+
+def _scatter_cpu(ctx, ct, won, *, window, in_hw, lowering):
+    if not _on_kernel(ctx.avals_in[0], lowering):
+        fn = functools.partial(_scatter, window=window, in_hw=in_hw)
+        return mlir.lower_fun(fn, False)(ctx, ct, won)
+    out = ctx.avals_out[0]
+    call = jax.ffi.ffi_call("jaxconv_max_pool_bwd", jax.ShapeDtypeStruct(out.shape, out.dtype))
+    return mlir.lower_fun(lambda ct, won: call(ct, won, **_kernel_attrs(window)), False)(
+        ctx, ct, won)
+
+
+mlir.register_lowering(argmax_p, _argmax_cpu, platform="cpu")
+mlir.register_lowering(scatter_p, _scatter_cpu, platform="cpu")
+
+
+def _zero(x):
+    """The symbolic zero tangent of `x` (float0 for integers)."""
+    return ad.Zero(jax.typeof(x).to_tangent_aval())
+
+
+def _argmax_jvp(primals, tangents, *, window, lowering):
+    (x,), (t,) = primals, tangents
+    y, won = argmax_p.bind(x, window=window, lowering=lowering)
+    ty = (_zero(y) if type(t) is ad.Zero
+          else gather_p.bind(t, won, window=window, lowering=lowering))
+    return (y, won), (ty, _zero(won))
+
+
+def _linear_in_first(p, transpose_p, transpose_params):
+    """JVP and transpose rules of a primitive linear in its first operand (`won` fixed)."""
+    def jvp(primals, tangents, **params):
+        t, won = primals
+        out = p.bind(t, won, **params)
+        dt = tangents[0]
+        return out, (_zero(out) if type(dt) is ad.Zero
+                     else p.bind(dt, won, **params))
+
+    def transpose(ct, t, won, **params):
+        if not ad.is_undefined_primal(t) or ad.is_undefined_primal(won):
+            raise ValueError(f"{p.name}: linear in its first operand only")
+        if type(ct) is ad.Zero:
+            return [ad.Zero(t.aval), None]
+        return [transpose_p.bind(ct, won, **transpose_params(t.aval, params)), None]
+
+    ad.primitive_jvps[p] = jvp
+    ad.primitive_transposes[p] = transpose
+
+
+ad.primitive_jvps[argmax_p] = _argmax_jvp
+_linear_in_first(gather_p, scatter_p,
+                 lambda aval, params: dict(params, in_hw=tuple(aval.shape[1:3])))
+_linear_in_first(scatter_p, gather_p,
+                 lambda aval, params: {k: v for k, v in params.items() if k != "in_hw"})
 
 
 def _pool_counts(size: int, k: int, s: int, pad: tuple[int, int], out: int,
