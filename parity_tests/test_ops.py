@@ -221,3 +221,24 @@ def test_max_pool_gradient_paths_match_torch(path, kw, monkeypatch):
     th = torch.autograd.functional.hvp(
         lambda v: (torch.nn.functional.max_pool2d(v, **kw) ** 2).sum(), txs, torch.ones_like(txs))[1]
     np.testing.assert_allclose(np.asarray(hvp), th.numpy().transpose(0, 2, 3, 1), rtol=1e-6)
+
+
+def test_max_pool_bf16_kernel_is_the_rounded_float32_answer():
+    """In bfloat16 the kernel's forward is exact and its gradient sums in float32, rounded
+    once: it equals the float32 gradient of the same (bf16-valued) inputs, rounded to bf16."""
+    from jaxconv.ops import native
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.integers(0, 3, (2, 9, 8, 19)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 9, 8, 19)), jnp.bfloat16)
+    f = functools.partial(ops.max_pool2d, kernel_size=3, stride=1, padding=1)
+    vjp = lambda x, g: jax.vjp(f, x)[1](g)[0]  # noqa: E731
+    hlo = jax.jit(vjp).lower(x, g).as_text()
+    assert ("jaxconv_max_pool_bwd" in hlo) == native.available("kernel")
+    y, grad = jax.jit(f)(x), jax.jit(vjp)(x, g)
+    y32, grad32 = jax.jit(f)(x.astype(jnp.float32)), jax.jit(vjp)(x.astype(jnp.float32),
+                                                                    g.astype(jnp.float32))
+    assert y.dtype == grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y32))
+    np.testing.assert_array_equal(np.asarray(grad, np.float32),
+                                  np.asarray(grad32.astype(jnp.bfloat16), np.float32))
+    assert np.abs(np.asarray(grad32)).max() > 4   # windows overlap: sums of up to 9 values

@@ -452,6 +452,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 // CPU rule); taps outside the input (padding) never take part, and a window of -inf only keeps
 // its first tap inside the input. Backward: dx = each dy added at its window's winning tap.
 // Both vectorise over channels and split rows (of the output, of the input) over XLA's threads.
+// Values are float, double or bfloat16 (as its 16 bits: compared and summed in float, rounded
+// to nearest even once).
 struct Window {
   int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, dh, dw, pt, pl;
   // the in-input tap range [lo, hi) of output row/column o along one axis
@@ -463,36 +465,64 @@ struct Window {
   }
 };
 
+struct Bf16 {
+  uint16_t bits;
+};
+
+// The arithmetic type of a stored value type, and the conversions between them.
+template <typename T> struct Math { using type = T; };
+template <> struct Math<Bf16> { using type = float; };
+inline float widen(Bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename T> inline T widen(T v) { return v; }
+template <typename T> inline T narrow(typename Math<T>::type v) {
+  if constexpr (std::is_same_v<T, Bf16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    if (v != v) return Bf16{static_cast<uint16_t>((u >> 16) | 0x40)};   // a quiet NaN
+    u += 0x7fff + ((u >> 16) & 1);                                       // nearest even
+    return Bf16{static_cast<uint16_t>(u >> 16)};
+  } else {
+    return v;
+  }
+}
+
 template <typename T>
 void pool_forward(ffi::ThreadPool& pool, const Window& g, const T* x, T* y, int32_t* won) {
+  using M = typename Math<T>::type;
   auto body = [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<M> best(g.c);
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / g.ho, oh = r % g.ho, i0, i1;
       Window::range(oh, g.sh, g.dh, g.pt, g.kh, g.h, i0, i1);
       for (int64_t ow = 0; ow < g.wo; ++ow) {
         int64_t j0, j1;
         Window::range(ow, g.sw, g.dw, g.pl, g.kw, g.w, j0, j1);
-        T* yp = y + (r * g.wo + ow) * g.c;
         int32_t* wp = won + (r * g.wo + ow) * g.c;
         const int32_t first = static_cast<int32_t>(i0 * g.kw + j0);
-        for (int64_t c = 0; c < g.c; ++c) {
-          yp[c] = -std::numeric_limits<T>::infinity();
-          wp[c] = first;
-        }
+        std::fill(best.begin(), best.end(), -std::numeric_limits<M>::infinity());
+        std::fill(wp, wp + g.c, first);
         for (int64_t i = i0; i < i1; ++i) {
           int64_t ih = oh * g.sh - g.pt + i * g.dh;
           for (int64_t j = j0; j < j1; ++j) {
             int64_t iw = ow * g.sw - g.pl + j * g.dw;
             const T* xp = x + ((n * g.h + ih) * g.w + iw) * g.c;
             const int32_t tap = static_cast<int32_t>(i * g.kw + j);
+            M* bp = best.data();
             for (int64_t c = 0; c < g.c; ++c) {
-              T v = xp[c];
-              bool take = v > yp[c] || v != v;
-              yp[c] = take ? v : yp[c];
+              M v = widen(xp[c]);
+              bool take = v > bp[c] || v != v;
+              bp[c] = take ? v : bp[c];
               wp[c] = take ? tap : wp[c];
             }
           }
         }
+        T* yp = y + (r * g.wo + ow) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) yp[c] = narrow<T>(best[c]);
       }
     }
   };
@@ -520,13 +550,15 @@ template <typename T>
 void pool_backward(ffi::ThreadPool& pool, const Window& g, const T* dy, const int32_t* won,
                    T* dx) {
   // each input element sums, over the windows that read it, dy where it won: written once
+  using M = typename Math<T>::type;
   const Hits rows(g.h, g.ho, g.kh, g.sh, g.dh, g.pt), cols(g.w, g.wo, g.kw, g.sw, g.dw, g.pl);
   auto body = [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<M> sum(g.c);
     for (int64_t r = begin; r < end; ++r) {
       int64_t n = r / g.h, ih = r % g.h;
       for (int64_t iw = 0; iw < g.w; ++iw) {
-        T* dxp = dx + (r * g.w + iw) * g.c;
-        std::fill(dxp, dxp + g.c, T(0));
+        std::fill(sum.begin(), sum.end(), M(0));
+        M* sp = sum.data();
         for (int64_t a = rows.first[ih]; a < rows.first[ih + 1]; ++a) {
           auto [i, oh] = rows.hits[a];
           for (int64_t b = cols.first[iw]; b < cols.first[iw + 1]; ++b) {
@@ -535,9 +567,11 @@ void pool_backward(ffi::ThreadPool& pool, const Window& g, const T* dy, const in
             const T* dyp = dy + o;
             const int32_t* wp = won + o;
             const int32_t tap = static_cast<int32_t>(i * g.kw + j);
-            for (int64_t c = 0; c < g.c; ++c) dxp[c] += wp[c] == tap ? dyp[c] : T(0);
+            for (int64_t c = 0; c < g.c; ++c) sp[c] += wp[c] == tap ? widen(dyp[c]) : M(0);
           }
         }
+        T* dxp = dx + (r * g.w + iw) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) dxp[c] = narrow<T>(sp[c]);
       }
     }
   };
@@ -548,8 +582,9 @@ ffi::Error check_pool(ffi::AnyBuffer x, ffi::AnyBuffer y) {
   if (x.dimensions().size() != 4 || y.dimensions().size() != 4)
     return ffi::Error::InvalidArgument("jaxconv max pool: expected 4-D NHWC operands");
   auto t = x.element_type();
-  if ((t != ffi::DataType::F32 && t != ffi::DataType::F64) || y.element_type() != t)
-    return ffi::Error::InvalidArgument("jaxconv max pool: float32 or float64 only");
+  if ((t != ffi::DataType::F32 && t != ffi::DataType::F64 && t != ffi::DataType::BF16) ||
+      y.element_type() != t)
+    return ffi::Error::InvalidArgument("jaxconv max pool: float32, float64 or bfloat16 only");
   return ffi::Error::Success();
 }
 
@@ -559,16 +594,25 @@ Window window(ffi::AnyBuffer x, ffi::AnyBuffer y, int64_t kh, int64_t kw, int64_
   return {a[0], a[1], a[2], a[3], b[1], b[2], kh, kw, sh, sw, dh, dw, pt, pl};
 }
 
+// f(T()) with T the stored value type of `type` (checked by check_pool)
+template <typename F>
+void by_type(ffi::DataType type, F f) {
+  if (type == ffi::DataType::F32) f(float());
+  else if (type == ffi::DataType::F64) f(double());
+  else f(Bf16());
+}
+
 ffi::Error PoolForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> won, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t dh, int64_t dw, int64_t pt, int64_t pl) {
   if (auto e = check_pool(x, *y); e.failure()) return e;
   Window g = window(x, *y, kh, kw, sh, sw, dh, dw, pt, pl);
   int32_t* wp = static_cast<int32_t*>(won->untyped_data());
-  if (x.element_type() == ffi::DataType::F32)
-    pool_forward<float>(pool, g, x.typed_data<float>(), y->typed_data<float>(), wp);
-  else
-    pool_forward<double>(pool, g, x.typed_data<double>(), y->typed_data<double>(), wp);
+  by_type(x.element_type(), [&](auto t) {
+    using T = decltype(t);
+    pool_forward<T>(pool, g, static_cast<const T*>(x.untyped_data()),
+                    static_cast<T*>(y->untyped_data()), wp);
+  });
   return ffi::Error::Success();
 }
 
@@ -578,10 +622,11 @@ ffi::Error PoolBackward(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer 
   if (auto e = check_pool(*dx, dy); e.failure()) return e;
   Window g = window(*dx, dy, kh, kw, sh, sw, dh, dw, pt, pl);
   const int32_t* wp = static_cast<const int32_t*>(won.untyped_data());
-  if (dy.element_type() == ffi::DataType::F32)
-    pool_backward<float>(pool, g, dy.typed_data<float>(), wp, dx->typed_data<float>());
-  else
-    pool_backward<double>(pool, g, dy.typed_data<double>(), wp, dx->typed_data<double>());
+  by_type(dy.element_type(), [&](auto t) {
+    using T = decltype(t);
+    pool_backward<T>(pool, g, static_cast<const T*>(dy.untyped_data()), wp,
+                     static_cast<T*>(dx->untyped_data()));
+  });
   return ffi::Error::Success();
 }
 

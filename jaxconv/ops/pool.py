@@ -111,10 +111,11 @@ def _max_pool_jvp(window, primals, tangents):
 #                                  the input, as torch
 #   gather_p   (t, won) -> t_y     each window's t at its winning tap (linear in t)
 #   scatter_p  (ct, won) -> ct_x   gather_p's transpose: ct added at each winning tap
-# On CPU, float32 / float64, argmax_p and scatter_p are jaxconv's kernels (grouped_cpu.cc,
-# engine "kernel": one pass each, where XLA ran the formulas as several fusions; measured on
-# whole train steps in BENCHMARKS.md, "Pooling") unless the conv lowering is 'xla' or the
-# kernel is missing; elsewhere, and gather_p always, the formulas below.
+# On CPU, float32 / float64 / bfloat16, argmax_p and scatter_p are jaxconv's kernels
+# (grouped_cpu.cc, engine "kernel": one pass each, where XLA ran the formulas as several
+# fusions; bf16 sums in float32, rounded once; measured on whole train steps in BENCHMARKS.md,
+# "Pooling") unless the conv lowering is 'xla' or the kernel is missing; elsewhere, and
+# gather_p always, the formulas below.
 
 def _first_tap(window, in_hw) -> np.ndarray:
     """(out_h, out_w) int32: each window's first tap inside the input."""
@@ -187,7 +188,7 @@ def _kernel_attrs(window):
 
 
 def _on_kernel(aval, lowering) -> bool:
-    return (aval.dtype in (np.float32, np.float64) and 0 not in aval.shape
+    return (aval.dtype in (np.float32, np.float64, jnp.bfloat16) and 0 not in aval.shape
             and lowering != "xla" and native.available("kernel"))
 
 
