@@ -98,6 +98,45 @@ def test_engine_bf16_forward_and_grads(case, engine):
         assert err <= OP_BF16_RTOL * scale, f"{engine} {name}: {err:.3g} vs scale {scale:.3g}"
 
 
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_bf16_convs_are_native_only_where_the_cpu_has_bf16(has_bf16, monkeypatch):
+    """On a CPU with AVX512-BF16 (and oneDNN) a bf16 conv's three passes are oneDNN calls on
+    bf16 operands; otherwise, under a forced lowering, and for a drop-in call that asks for a
+    float32 result, they compute in float32 (the drop-in's result then equals the float32
+    conv of the same values exactly)."""
+    if has_bf16 and not (native.bf16() and native.available("onednn")):
+        pytest.skip("this CPU has no AVX512-BF16 (or no oneDNN): the native bf16 path is off")
+    monkeypatch.setattr(native, "bf16", lambda: has_bf16)
+    x = jnp.asarray(rand((2, 7, 6, 8), 1), jnp.bfloat16)
+    w = jnp.asarray(rand((3, 3, 4, 8), 2), jnp.bfloat16)
+
+    def loss(x, w):
+        return jnp.sum(ops.conv2d(x, w, padding=1, groups=2).astype(jnp.float32) ** 2)
+
+    def call_types(fn, *args, target="jaxconv_onednn_conv"):
+        text = jax.jit(fn).lower(*args).as_text()
+        return [line.split(" : (")[-1].split(")")[0]
+                for line in text.splitlines() if f"@{target}(" in line]
+
+    grad = lambda x, w: jax.grad(loss, argnums=(0, 1))(x, w)  # noqa: E731
+    want = "bf16" if has_bf16 else "f32"
+    types = call_types(grad, x, w)
+    assert len(types) == 3 and all(t.count(want) == 2 for t in types), types
+    with config.use_conv_lowering("kernel"):   # a fresh function: jit caches traces
+        types = call_types(lambda x, w: grad(x, w), x, w, target="jaxconv_grouped_conv")
+        assert types and all(t.count("f32") == 2 for t in types), types
+    drop_in = lambda x, w: lowering.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=2, preferred_element_type=jnp.float32)
+    assert [t.count("f32") for t in call_types(drop_in, x, w)] == [2]
+    wide = jax.jit(drop_in)(x, w)
+    assert wide.dtype == jnp.float32
+    np.testing.assert_array_equal(
+        wide, jax.jit(lambda x, w: ops.conv2d(x, w, padding=1, groups=2))(
+            x.astype(jnp.float32), w.astype(jnp.float32)))
+
+
 # ------------------------------------------------------------ forward-mode and higher order
 
 AD_CASES = [  # (x shape, w shape HWIO, conv2d keywords): depthwise x2, grouped, stem, dense

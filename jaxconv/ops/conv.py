@@ -116,7 +116,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     # the backend-aware lowering of ops/lowering.py (lax's convolution on GPU / TPU)
     y = lowering.conv(x.astype(dtype), weight.astype(dtype),
                       Geometry((kh, kw), stride, tuple(pads), dilation, groups),
-                      preferred_element_type=_accumulation(dtype))
+                      preferred_element_type=_accumulation(dtype), rounded=True)
     return _add_bias(y.astype(dtype), bias, cout)
 
 

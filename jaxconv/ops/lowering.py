@@ -31,11 +31,15 @@ from jaxconv.ops.cpu_conv import DIMS, Geometry, bind
 EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
 
 
-def _compute_dtype(dtype):
-    """Floating inputs below 32 bits are computed in float32 on CPU (what torch does there);
-    None: not a floating dtype (lax only)."""
+def _compute_dtype(dtype, lowering: str):
+    """The dtype a CPU conv of `dtype` inputs computes in under `lowering`: bfloat16 itself
+    where oneDNN computes it natively (CPUs with AVX512-BF16; as torch does there), else
+    floating inputs below 32 bits in float32; None: not a floating dtype (lax only)."""
     if not jnp.issubdtype(dtype, jnp.floating):
         return None
+    if (dtype == jnp.bfloat16 and lowering in ("auto", "onednn") and native.bf16()
+            and native.available("onednn")):
+        return dtype
     return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -47,11 +51,13 @@ def _on_cpu(x, w, cpu_fn, lax_fn):
 
 
 def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
-         lowering: str | None = None):
+         lowering: str | None = None, rounded: bool = False):
     """``lax.conv_general_dilated(x, w, geo.stride, geo.pads, rhs_dilation=geo.dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=geo.groups)``, computed as
-    the configured lowering says. Low-precision inputs are computed in float32 on CPU and
-    returned in `preferred_element_type` or their own dtype."""
+    the configured lowering says. On CPU, low-precision inputs are computed in float32, or
+    bfloat16 natively (``_compute_dtype``) when the result is wanted in bfloat16
+    (`preferred_element_type` None or bfloat16, or `rounded`: the caller casts it back to x's
+    dtype), and returned in `preferred_element_type` or their own dtype."""
     name = config.check_conv_lowering(config.conv_lowering if lowering is None else lowering)
     out_dtype = preferred_element_type or x.dtype
 
@@ -60,7 +66,9 @@ def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
                                         feature_group_count=geo.groups, precision=precision,
                                         preferred_element_type=preferred_element_type)
 
-    ct = _compute_dtype(x.dtype)
+    ct = _compute_dtype(x.dtype, name)
+    if ct == x.dtype and not (rounded or jnp.dtype(out_dtype) == x.dtype):
+        ct = jnp.promote_types(x.dtype, jnp.float32)   # a wider result: float32 products
     if name == "xla" or ct is None:
         return native_conv(x, w)
 
@@ -81,7 +89,7 @@ def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
             feature_group_count=geo.groups, preferred_element_type=_accumulation(x.dtype)
         ).astype(x.dtype), y)(x)[0]
 
-    ct = _compute_dtype(x.dtype)
+    ct = _compute_dtype(x.dtype, name)
     if name == "xla" or ct is None:
         return native_tconv(x, w)
 

@@ -86,6 +86,13 @@ def avx512() -> bool:
     return "avx512f" in _cpu().split()
 
 
+@functools.cache
+def bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16), so that oneDNN's bf16
+    convolutions are worth having (else bf16 convs compute in float32)."""
+    return {"avx512f", "avx512_bf16"} <= set(_cpu().split())
+
+
 def onednn_paths() -> tuple[Path, Path]:
     """(include dir, libdnnl.so path) of oneDNN: $JAXCONV_ONEDNN_ROOT, else the PyPI wheels."""
     root = os.environ.get("JAXCONV_ONEDNN_ROOT")

@@ -20,8 +20,9 @@
 //
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
 // primitive is thread-safe); scratchpads are per calling thread. One call runs at a time, on
-// as many OpenMP threads as XLA has intra-op threads. float32 only (the caller computes bf16
-// in float32; float64 goes elsewhere).
+// as many OpenMP threads as XLA has intra-op threads. Convolutions in float32, or bfloat16 on
+// CPUs with AVX512-BF16 (oneDNN accumulates in float32; the caller computes bf16 in float32
+// elsewhere); batch norm in float32; float64 goes elsewhere.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -46,6 +47,10 @@ namespace {
 
 struct Shape {
   int64_t op, n, h, w, cin, ho, wo, cout, kh, kw, g, sh, sw, dh, dw, pt, pb, pl, pr;
+  int64_t bf16;   // operands in bfloat16 (CPUs with AVX512-BF16), else float32
+  memory::data_type dt() const {
+    return bf16 ? memory::data_type::bf16 : memory::data_type::f32;
+  }
   std::string key() const {
     std::string s(sizeof(*this), '\0');
     std::memcpy(s.data(), this, sizeof(*this));
@@ -74,7 +79,7 @@ dnnl::engine& engine() {
 }
 
 Entry make(const Shape& s, bool flip = false) {
-  auto f32 = memory::data_type::f32;
+  auto f32 = s.dt();
   // the transposed problem of a stride-1 forward: src = y (C_out), dst = x (C_in), the kernel
   // flipped with in/out swapped per group, padding extent - 1 - p on each side
   int64_t cin = flip ? s.cout : s.cin, cout = flip ? s.cin : s.cout;
@@ -128,13 +133,14 @@ Entry make(const Shape& s, bool flip = false) {
 }
 
 // w (KH, KW, C_in/G, G*og) -> the transposed problem's hwigo kernel (KH, KW, og, G, C_in/G),
-// flipped: t[kh][kw][co][g][ci] = w[KH-1-kh][KW-1-kw][ci][g*og + co]
-void flip_kernel(const Shape& s, const float* w, float* t) {
+// flipped: t[kh][kw][co][g][ci] = w[KH-1-kh][KW-1-kw][ci][g*og + co] (T: float or bf16 bits)
+template <typename T>
+void flip_kernel(const Shape& s, const T* w, T* t) {
   int64_t cg = s.cin / s.g, og = s.cout / s.g;
   for (int64_t i = 0; i < s.kh; ++i)
     for (int64_t j = 0; j < s.kw; ++j) {
-      const float* src = w + ((s.kh - 1 - i) * s.kw + (s.kw - 1 - j)) * cg * s.cout;
-      float* dst = t + (i * s.kw + j) * og * s.g * cg;
+      const T* src = w + ((s.kh - 1 - i) * s.kw + (s.kw - 1 - j)) * cg * s.cout;
+      T* dst = t + (i * s.kw + j) * og * s.g * cg;
       for (int64_t co = 0; co < og; ++co)
         for (int64_t g = 0; g < s.g; ++g)
           for (int64_t ci = 0; ci < cg; ++ci)
@@ -169,16 +175,17 @@ float* buffer(std::vector<float>& v, size_t bytes) {
 ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                 ffi::Result<ffi::AnyBuffer> out, int64_t op, int64_t sh, int64_t sw, int64_t dh,
                 int64_t dw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  if (a.element_type() != ffi::DataType::F32 || b.element_type() != ffi::DataType::F32 ||
-      out->element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("jaxconv oneDNN conv: float32 only");
+  auto type = a.element_type();
+  if ((type != ffi::DataType::F32 && type != ffi::DataType::BF16) || b.element_type() != type ||
+      out->element_type() != type)
+    return ffi::Error::InvalidArgument("jaxconv oneDNN conv: float32 or bfloat16 operands");
   if (a.dimensions().size() != 4 || b.dimensions().size() != 4 || out->dimensions().size() != 4)
     return ffi::Error::InvalidArgument("jaxconv oneDNN conv: expected 4-D operands");
   auto x = op == 1 ? out->dimensions() : a.dimensions();
   auto y = op == 0 ? out->dimensions() : op == 1 ? a.dimensions() : b.dimensions();
   auto w = op == 2 ? out->dimensions() : b.dimensions();
   Shape s{op, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], groups,
-          sh, sw, dh, dw, pt, pb, pl, pr};
+          sh, sw, dh, dw, pt, pb, pl, pr, type == ffi::DataType::BF16};
   // oneDNN wants (H + pt + pb - extent) / stride + 1 == Ho exactly: drop the bottom / right
   // rows and columns that no output reads (torch's floor division ignores them too)
   s.pb = (s.ho - 1) * sh + (s.kh - 1) * dh + 1 - s.h - pt;
@@ -189,10 +196,13 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf, weights_buf, flip_buf;
     dnnl::stream stream(engine());
-    float* user_w = static_cast<float*>(op == 2 ? out->untyped_data() : b.untyped_data());
+    void* user_w = op == 2 ? out->untyped_data() : b.untyped_data();
     if (e.flipped) {
       float* t = buffer(flip_buf, e.user_weights.get_size());
-      flip_kernel(s, user_w, t);
+      if (s.bf16)
+        flip_kernel(s, static_cast<const uint16_t*>(user_w), reinterpret_cast<uint16_t*>(t));
+      else
+        flip_kernel(s, static_cast<const float*>(user_w), t);
       user_w = t;
     }
     memory user_wm(e.user_weights, engine(), user_w);
@@ -202,7 +212,7 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     memory scratch(dnnl::memory::desc({static_cast<memory::dim>(e.scratch)},
                                       memory::data_type::u8, tag::x),
                    engine(), buffer(scratch_buf, e.scratch));
-    auto f32 = memory::data_type::f32;
+    auto f32 = s.dt();
     memory xm({{s.n, s.cin, s.h, s.w}, f32, tag::nhwc}, engine(),
               op == 1 ? out->untyped_data() : a.untyped_data());
     memory ym({{s.n, s.cout, s.ho, s.wo}, f32, tag::nhwc}, engine(),

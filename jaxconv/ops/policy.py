@@ -15,6 +15,7 @@ Why each row reads as it does, measured on 2 cores against PyTorch 2.13: BENCHMA
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 PASSES = ("fwd", "bwd_data", "bwd_weights")
@@ -69,11 +70,14 @@ def kind(kernel, in_channels: int, groups: int, padded: bool, in_hw) -> str:
 
 def can_compute(engine: str, dtype, geo) -> bool:
     """Whether `engine` can compute a conv of geometry `geo` in `dtype` at all (which passes it
-    should compute is the table's business): oneDNN float32 with non-negative padding, the
-    kernel float32 / float64, matmul unpadded ungrouped 1x1 convs, lax anything."""
+    should compute is the table's business): oneDNN float32 (and bfloat16 on CPUs with
+    AVX512-BF16) with non-negative padding, the kernel float32 / float64, matmul unpadded
+    ungrouped 1x1 convs, lax anything."""
+    from jaxconv.ops import native
     dtype = np.dtype(dtype)
     if engine == "onednn":
-        return dtype == np.float32 and min(p for side in geo.pads for p in side) >= 0
+        native_dtype = dtype == np.float32 or (dtype == jnp.bfloat16 and native.bf16())
+        return native_dtype and min(p for side in geo.pads for p in side) >= 0
     if engine == "kernel":
         return dtype in (np.float32, np.float64)
     if engine == "matmul":
