@@ -54,20 +54,21 @@ def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
          lowering: str | None = None, rounded: bool = False):
     """``lax.conv_general_dilated(x, w, geo.stride, geo.pads, rhs_dilation=geo.dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=geo.groups)``, computed as
-    the configured lowering says. On CPU, low-precision inputs are computed in float32, or
-    bfloat16 natively (``_compute_dtype``) when the result is wanted in bfloat16
-    (`preferred_element_type` None or bfloat16, or `rounded`: the caller casts it back to x's
-    dtype), and returned in `preferred_element_type` or their own dtype."""
+    the configured lowering says, in `preferred_element_type` or x's dtype; `rounded`: in x's
+    dtype however it accumulated (what ops.conv2d wants). On CPU, low-precision inputs are
+    computed in float32, or in bfloat16 natively (``_compute_dtype``) where the result is
+    bfloat16."""
     name = config.check_conv_lowering(config.conv_lowering if lowering is None else lowering)
-    out_dtype = preferred_element_type or x.dtype
+    out_dtype = x.dtype if rounded else preferred_element_type or x.dtype
 
     def native_conv(x, w):
         return lax.conv_general_dilated(x, w, geo.stride, geo.pads, None, geo.dilation, DIMS,
                                         feature_group_count=geo.groups, precision=precision,
-                                        preferred_element_type=preferred_element_type)
+                                        preferred_element_type=preferred_element_type
+                                        ).astype(out_dtype)
 
     ct = _compute_dtype(x.dtype, name)
-    if ct == x.dtype and not (rounded or jnp.dtype(out_dtype) == x.dtype):
+    if ct == x.dtype and jnp.dtype(out_dtype) != x.dtype:
         ct = jnp.promote_types(x.dtype, jnp.float32)   # a wider result: float32 products
     if name == "xla" or ct is None:
         return native_conv(x, w)

@@ -34,42 +34,54 @@ AXES = (0, 1, 2)   # N, H, W of NHWC
 
 def batch_norm_train(x, scale=None, bias=None, eps: float = 1e-5):
     """(y, mean, var) for NHWC `x` normalised with its own statistics over N, H, W; `scale` and
-    `bias` (C,) or None (no affine). Computes in float32 or wider; mean and var are (C,)."""
+    `bias` (C,) or None (no affine). Computes in float32 or wider; y has x's dtype (the
+    gradient too: a bf16 x is never copied to float32 in memory), mean and var are (C,) in the
+    compute dtype."""
     c = x.shape[-1]
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    scale = jnp.ones((c,), x.dtype) if scale is None else scale.astype(x.dtype)
-    bias = jnp.zeros((c,), x.dtype) if bias is None else bias.astype(x.dtype)
+    acc = _acc(x.dtype)
+    scale = jnp.ones((c,), acc) if scale is None else scale.astype(acc)
+    bias = jnp.zeros((c,), acc) if bias is None else bias.astype(acc)
     y, mean, var = forward_p.bind(x, scale.reshape(1, 1, 1, c), bias.reshape(1, 1, 1, c),
                                   axes=AXES, eps=float(eps), lowering=config.conv_lowering)
     return y, mean.reshape(c), var.reshape(c)
 
 
 # ------------------------------------------------------------------------------- the formulas
-# Per-channel operands keep the reduced axes as size 1.
+# Per-channel operands keep the reduced axes as size 1 and the compute dtype (float32 or
+# wider); activations (x, y, dx, dy) keep x's dtype and are computed in the compute dtype.
+
+def _acc(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
 
 def _forward(x, scale, bias, *, axes, eps, lowering=None):
-    mean = jnp.mean(x, axes, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
-    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias, mean, var
+    xf = x.astype(_acc(x.dtype))
+    mean = jnp.mean(xf, axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+    y = (xf - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+    return y.astype(x.dtype), mean, var
 
 
 def _tangent(x, mean, var, scale, dx, dscale, dbias, *, axes, eps, lowering=None):
     """dy = (dx - mean(dx) - xhat mean(dx xhat)) rstd scale + xhat dscale + dbias."""
+    out, x, dx = x.dtype, x.astype(mean.dtype), dx.astype(mean.dtype)
     rstd = jax.lax.rsqrt(var + eps)
     xhat = (x - mean) * rstd
     centred = dx - jnp.mean(dx, axes, keepdims=True)
     proj = jnp.mean(dx * xhat, axes, keepdims=True)
-    return (centred - xhat * proj) * (rstd * scale) + xhat * dscale + dbias
+    return ((centred - xhat * proj) * (rstd * scale) + xhat * dscale + dbias).astype(out)
 
 
 def _backward(x, mean, var, scale, ct, *, axes, eps, lowering=None):
     """The tangent map's transpose at cotangent `ct`: (dx, dscale, dbias)."""
+    out, x, ct = x.dtype, x.astype(mean.dtype), ct.astype(mean.dtype)
     n = np.prod([x.shape[a] for a in axes])
     rstd = jax.lax.rsqrt(var + eps)
     xhat = (x - mean) * rstd
     sum_ct = jnp.sum(ct, axes, keepdims=True)
     sum_ct_xhat = jnp.sum(ct * xhat, axes, keepdims=True)
-    return ((ct - sum_ct / n - xhat * (sum_ct_xhat / n)) * (rstd * scale), sum_ct_xhat, sum_ct)
+    return ((ct - sum_ct / n - xhat * (sum_ct_xhat / n)) * (rstd * scale)).astype(out), \
+        sum_ct_xhat, sum_ct
 
 
 # ------------------------------------------------------------------------------ the primitives
@@ -106,9 +118,10 @@ def _primitive(name, formula, multiple_results=True):
 
 
 def _onednn(x, axes, lowering) -> bool:
-    """Whether oneDNN computes a batch-norm backward of `x` over `axes` (float32 NHWC, not
-    empty)."""
-    return (axes == AXES and x.dtype == np.float32 and 0 not in x.shape
+    """Whether oneDNN computes a batch-norm backward of `x` over `axes` (NHWC, not empty,
+    float32, or bfloat16 on CPUs with AVX512-BF16)."""
+    dtype_ok = x.dtype == np.float32 or (x.dtype == jnp.bfloat16 and native.bf16())
+    return (axes == AXES and dtype_ok and 0 not in x.shape
             and lowering != "xla" and native.available("onednn"))
 
 
@@ -133,8 +146,9 @@ def _forward_jvp(primals, tangents, *, axes, eps, lowering):
     dx, dscale, dbias = (jnp.zeros(v.shape, v.dtype) if type(t) is ad.Zero else t
                          for v, t in zip(primals, tangents))
     y, mean, var = forward_p.bind(x, scale, bias, axes=axes, eps=eps, lowering=lowering)
-    dmean = jnp.mean(dx, axes, keepdims=True)
-    dvar = 2 * jnp.mean((x - mean) * (dx - dmean), axes, keepdims=True)
+    dxf = dx.astype(mean.dtype)
+    dmean = jnp.mean(dxf, axes, keepdims=True)
+    dvar = 2 * jnp.mean((x.astype(mean.dtype) - mean) * (dxf - dmean), axes, keepdims=True)
     dy = tangent_p.bind(x, mean, var, scale, dx, dscale, dbias, axes=axes, eps=eps,
                         lowering=lowering)
     return (y, mean, var), (dy, dmean, dvar)

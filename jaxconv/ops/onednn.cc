@@ -20,9 +20,9 @@
 //
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
 // primitive is thread-safe); scratchpads are per calling thread. One call runs at a time, on
-// as many OpenMP threads as XLA has intra-op threads. Convolutions in float32, or bfloat16 on
-// CPUs with AVX512-BF16 (oneDNN accumulates in float32; the caller computes bf16 in float32
-// elsewhere); batch norm in float32; float64 goes elsewhere.
+// as many OpenMP threads as XLA has intra-op threads. float32, or bfloat16 activations and
+// kernels on CPUs with AVX512-BF16 (oneDNN computes in float32; the caller computes bf16 in
+// float32 on other CPUs); float64 goes elsewhere.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -245,9 +245,10 @@ struct Norm {
 };
 
 // The backward (dx, dscale, dshift) of training-mode batch norm over (N, H, W) of nhwc
-// (n, h, w, c) with scale and shift (the forward's descriptor is its required hint).
-Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps) {
-  memory::desc x({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+// (n, h, w, c) activations of type `dt` with float32 scale and shift (the forward's descriptor
+// is its required hint).
+Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps, memory::data_type dt) {
+  memory::desc x({n, c, h, w}, dt, tag::nhwc);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
@@ -258,32 +259,39 @@ Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps) {
   return {dnnl::batch_normalization_backward(bwd), bwd.scratchpad_desc().get_size()};
 }
 
-// args: (oneDNN argument, buffer) pairs, x first; activations nhwc, the rest C floats
+bool is_activation(int arg) {
+  return arg == DNNL_ARG_SRC || arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_DST ||
+         arg == DNNL_ARG_DIFF_SRC;
+}
+
+// args: (oneDNN argument, buffer) pairs, x first; activations nhwc, float32 or bfloat16 (all
+// alike), the rest C float32s
 ffi::Error Normalise(ffi::ThreadPool pool, float eps,
                      std::initializer_list<std::pair<int, ffi::AnyBuffer*>> args) {
+  auto type = args.begin()->second->element_type();
   for (auto& [arg, buf] : args)
-    if (buf->element_type() != ffi::DataType::F32)
-      return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: float32 only");
+    if (buf->element_type() != (is_activation(arg) ? type : ffi::DataType::F32) ||
+        (type != ffi::DataType::F32 && type != ffi::DataType::BF16))
+      return ffi::Error::InvalidArgument(
+          "jaxconv oneDNN batch norm: float32 or bfloat16 activations, float32 statistics");
+  auto dt = type == ffi::DataType::BF16 ? memory::data_type::bf16 : memory::data_type::f32;
   auto d = args.begin()->second->dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: 4-D x");
   int64_t n = d[0], h = d[1], w = d[2], c = d[3];
-  std::string key(sizeof(int64_t) * 4 + sizeof(float), '\0');
-  int64_t dims[4] = {n, h, w, c};
+  std::string key(sizeof(int64_t) * 5 + sizeof(float), '\0');
+  int64_t dims[5] = {n, h, w, c, type == ffi::DataType::BF16};
   std::memcpy(key.data(), dims, sizeof(dims));
   std::memcpy(key.data() + sizeof(dims), &eps, sizeof(eps));
   try {
-    const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps); });
+    const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps, dt); });
     std::lock_guard<std::mutex> alone(one_call_at_a_time);
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf;
-    memory::desc act({n, c, h, w}, memory::data_type::f32, tag::nhwc);
+    memory::desc act({n, c, h, w}, dt, tag::nhwc);
     memory::desc vec({c}, memory::data_type::f32, tag::x);
     std::unordered_map<int, memory> mems;
-    for (auto& [arg, buf] : args) {
-      bool activation = arg == DNNL_ARG_SRC || arg == DNNL_ARG_DST || arg == DNNL_ARG_DIFF_DST ||
-                        arg == DNNL_ARG_DIFF_SRC;
-      mems.emplace(arg, memory(activation ? act : vec, engine(), buf->untyped_data()));
-    }
+    for (auto& [arg, buf] : args)
+      mems.emplace(arg, memory(is_activation(arg) ? act : vec, engine(), buf->untyped_data()));
     mems.emplace(DNNL_ARG_SCRATCHPAD,
                  memory(memory::desc({static_cast<memory::dim>(e.scratch)},
                                      memory::data_type::u8, tag::x),
