@@ -9,7 +9,9 @@
                 form (two per-channel sums, one elementwise pass: what torch computes)
 
 so reverse mode keeps only x, the statistics and the scale, and jvp, jacfwd, hessian, grad of
-grad and vmap all work. On CPU, float32 NHWC, backward_p is oneDNN's batch-norm backward
+grad and vmap all work. Activations keep their dtype (bf16 is never copied to float32 in
+memory); everything is computed in float32 or wider. On CPU, float32 NHWC (or bfloat16 on CPUs
+with AVX512-BF16), backward_p is oneDNN's batch-norm backward
 (multi-threaded; XLA:CPU runs a fusion on one thread) unless the conv lowering is 'xla' or oneDNN
 is missing; elsewhere, for the forward and for derivatives, the formulas below. The forward
 stays XLA's: oneDNN sums each channel in float32 in its own order, statistics within ~2e-6 of
