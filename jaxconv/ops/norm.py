@@ -10,13 +10,14 @@
 
 so reverse mode keeps only x, the statistics and the scale, and jvp, jacfwd, hessian, grad of
 grad and vmap all work. Activations keep their dtype (bf16 is never copied to float32 in
-memory); everything is computed in float32 or wider. On CPU, float32 NHWC (or bfloat16 on CPUs
-with AVX512-BF16), backward_p is oneDNN's batch-norm backward
-(multi-threaded; XLA:CPU runs a fusion on one thread) unless the conv lowering is 'xla' or oneDNN
-is missing; elsewhere, for the forward and for derivatives, the formulas below. The forward
-stays XLA's: oneDNN sums each channel in float32 in its own order, statistics within ~2e-6 of
-float64 where XLA's pairwise reductions are within ~1.5e-7, and through Inception-v3's aux
-head that moved train-mode logits 1.9e-4 from torch's (tolerance 1e-4).
+memory); everything is computed in float32 or wider. On CPU, NHWC, unless the conv lowering is
+'xla' or oneDNN is missing, oneDNN computes (multi-threaded) backward_p for float32, and
+forward_p and backward_p for bfloat16 on CPUs with AVX512-BF16; elsewhere, and for derivatives,
+the formulas below. A float32 forward stays XLA's: oneDNN sums each channel in float32 in its
+own order, statistics within ~2e-6 of float64 where XLA's pairwise reductions are within
+~1.5e-7, and through Inception-v3's aux head that moved train-mode logits 1.9e-4 from torch's
+(tolerance 1e-4). For bf16, XLA:CPU materialises a float32 copy of x and the centred input
+before reducing them; oneDNN reads the bf16 x (BENCHMARKS.md, "bfloat16 on CPU").
 """
 from __future__ import annotations
 
@@ -120,27 +121,34 @@ def _primitive(name, formula, multiple_results=True):
 
 
 def _onednn(x, axes, lowering) -> bool:
-    """Whether oneDNN computes a batch-norm backward of `x` over `axes` (NHWC, not empty,
+    """Whether oneDNN can compute a batch-norm pass of `x` over `axes` (NHWC, not empty,
     float32, or bfloat16 on CPUs with AVX512-BF16)."""
     dtype_ok = x.dtype == np.float32 or (x.dtype == jnp.bfloat16 and native.bf16())
     return (axes == AXES and dtype_ok and 0 not in x.shape
             and lowering != "xla" and native.available("onednn"))
 
 
-def _backward_on_cpu(ctx, *args, axes, eps, lowering):
-    """backward_p on CPU: oneDNN's batch-norm backward where `_onednn` says so, else the formula."""
-    if _onednn(ctx.avals_in[0], axes, lowering):
-        shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
-        fn = lambda *a: jax.ffi.ffi_call("jaxconv_onednn_norm_bwd", shapes)(*a, eps=np.float32(eps))  # noqa: E731
-    else:
-        fn = functools.partial(_backward, axes=axes, eps=eps)
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+def _on_cpu(target, formula, float32=True):
+    """A CPU lowering: oneDNN's `target` where `_onednn` says so (and, unless `float32`, only
+    for bfloat16 x), else `formula`."""
+    def lower(ctx, *args, axes, eps, lowering):
+        x = ctx.avals_in[0]
+        if _onednn(x, axes, lowering) and (float32 or x.dtype == jnp.bfloat16):
+            shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
+            fn = lambda *a: jax.ffi.ffi_call(target, shapes)(*a, eps=np.float32(eps))  # noqa: E731
+        else:
+            fn = functools.partial(formula, axes=axes, eps=eps)
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    return lower
 
 
 forward_p = _primitive("jaxconv_batch_norm", _forward)
 backward_p = _primitive("jaxconv_batch_norm_backward", _backward)
 tangent_p = _primitive("jaxconv_batch_norm_tangent", _tangent, multiple_results=False)
-mlir.register_lowering(backward_p, _backward_on_cpu, platform="cpu")
+mlir.register_lowering(backward_p, _on_cpu("jaxconv_onednn_norm_bwd", _backward), platform="cpu")
+# bf16 only: XLA:CPU materialises a float32 copy and the centred input to reduce a bf16 x
+mlir.register_lowering(forward_p, _on_cpu("jaxconv_onednn_norm_fwd", _forward, float32=False),
+                       platform="cpu")
 
 
 def _forward_jvp(primals, tangents, *, axes, eps, lowering):

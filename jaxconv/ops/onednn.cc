@@ -16,7 +16,8 @@
 //
 // Batch normalisation in training, backward: (x, mean, variance, scale, dy) -> (dx, dscale,
 // dshift) over the N, H, W axes of nhwc x, multi-threaded where XLA:CPU runs its fusions on one
-// thread (the forward stays XLA's: see jaxconv/ops/norm.py).
+// thread; forward (x, scale, shift) -> (y, mean, variance) for bfloat16 x only (float32's
+// stays XLA's: see jaxconv/ops/norm.py).
 //
 // Primitives are created once per shape and cached (a mutex guards the cache; executing a
 // primitive is thread-safe); scratchpads are per calling thread. One call runs at a time, on
@@ -244,16 +245,19 @@ struct Norm {
   size_t scratch;
 };
 
-// The backward (dx, dscale, dshift) of training-mode batch norm over (N, H, W) of nhwc
-// (n, h, w, c) activations of type `dt` with float32 scale and shift (the forward's descriptor
-// is its required hint).
-Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps, memory::data_type dt) {
+// Training-mode batch norm over (N, H, W) of nhwc (n, h, w, c) activations of type `dt` with
+// float32 scale and shift: the forward (y, mean, biased variance), or the backward (dx, dscale,
+// dshift) (the forward's descriptor is its required hint).
+Norm make_norm(int64_t n, int64_t h, int64_t w, int64_t c, float eps, memory::data_type dt,
+               bool forward) {
   memory::desc x({n, c, h, w}, dt, tag::nhwc);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto flags = dnnl::normalization_flags::use_scale | dnnl::normalization_flags::use_shift;
   dnnl::batch_normalization_forward::primitive_desc fwd(
       engine(), dnnl::prop_kind::forward_training, x, x, eps, flags, attr);
+  if (forward)
+    return {dnnl::batch_normalization_forward(fwd), fwd.scratchpad_desc().get_size()};
   dnnl::batch_normalization_backward::primitive_desc bwd(
       engine(), dnnl::prop_kind::backward, x, x, x, eps, flags, fwd, attr);
   return {dnnl::batch_normalization_backward(bwd), bwd.scratchpad_desc().get_size()};
@@ -266,7 +270,7 @@ bool is_activation(int arg) {
 
 // args: (oneDNN argument, buffer) pairs, x first; activations nhwc, float32 or bfloat16 (all
 // alike), the rest C float32s
-ffi::Error Normalise(ffi::ThreadPool pool, float eps,
+ffi::Error Normalise(ffi::ThreadPool pool, float eps, bool forward,
                      std::initializer_list<std::pair<int, ffi::AnyBuffer*>> args) {
   auto type = args.begin()->second->element_type();
   for (auto& [arg, buf] : args)
@@ -278,12 +282,12 @@ ffi::Error Normalise(ffi::ThreadPool pool, float eps,
   auto d = args.begin()->second->dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: 4-D x");
   int64_t n = d[0], h = d[1], w = d[2], c = d[3];
-  std::string key(sizeof(int64_t) * 5 + sizeof(float), '\0');
-  int64_t dims[5] = {n, h, w, c, type == ffi::DataType::BF16};
+  std::string key(sizeof(int64_t) * 6 + sizeof(float), '\0');
+  int64_t dims[6] = {n, h, w, c, type == ffi::DataType::BF16, forward};
   std::memcpy(key.data(), dims, sizeof(dims));
   std::memcpy(key.data() + sizeof(dims), &eps, sizeof(eps));
   try {
-    const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps, dt); });
+    const Norm& e = cached(key, [&] { return make_norm(n, h, w, c, eps, dt, forward); });
     std::lock_guard<std::mutex> alone(one_call_at_a_time);
     omp_set_num_threads(static_cast<int>(std::max<int64_t>(1, pool.num_threads())));
     thread_local std::vector<float> scratch_buf;
@@ -309,11 +313,20 @@ ffi::Error NormBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer m
                         ffi::AnyBuffer var, ffi::AnyBuffer scale, ffi::AnyBuffer dy,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dscale,
                         ffi::Result<ffi::AnyBuffer> dshift, float eps) {
-  return Normalise(pool, eps, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_MEAN, &mean},
+  return Normalise(pool, eps, false, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_MEAN, &mean},
                                   {DNNL_ARG_VARIANCE, &var}, {DNNL_ARG_SCALE, &scale},
                                   {DNNL_ARG_DIFF_DST, &dy}, {DNNL_ARG_DIFF_SRC, &*dx},
                                   {DNNL_ARG_DIFF_SCALE, &*dscale},
                                   {DNNL_ARG_DIFF_SHIFT, &*dshift}});
+}
+
+ffi::Error NormForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer shift, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> var,
+                       float eps) {
+  return Normalise(pool, eps, true, {{DNNL_ARG_SRC, &x}, {DNNL_ARG_SCALE, &scale},
+                                     {DNNL_ARG_SHIFT, &shift}, {DNNL_ARG_DST, &*y},
+                                     {DNNL_ARG_MEAN, &*mean}, {DNNL_ARG_VARIANCE, &*var}});
 }
 
 }  // namespace
@@ -340,6 +353,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormBackward, NormBackward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxconvOnednnNormForward, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
