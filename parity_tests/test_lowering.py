@@ -530,6 +530,31 @@ def test_primitive_rejects_mixed_dtypes():
         bind("fwd", jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16), Geometry((3, 3)))
 
 
+@pytest.mark.parametrize("name", ["conv", "conv batch", "norm fwd", "norm bwd"])
+def test_onednn_targets_reject_buffers_that_disagree(name):
+    """Called directly with buffers whose shapes disagree, the oneDNN FFI targets return an
+    error (oneDNN would otherwise read and write past the smaller buffers)."""
+    if not native.available("onednn"):
+        pytest.skip("oneDNN is not available here")
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    x, c = jnp.ones((2, 4, 4, 8)), jnp.ones((1, 1, 1, 8))
+    conv = dict(op=np.int64(0), **{k: np.int64(v) for k, v in dict(
+        sh=1, sw=1, dh=1, dw=1, pt=0, pb=0, pl=0, pr=0, groups=1).items()})
+    calls = {   # conv: w's C_in 4 for x's 8 channels; y's batch 3 for x's 2
+        "conv": lambda: jax.ffi.ffi_call("jaxconv_onednn_conv", f32(2, 2, 2, 16))(
+            x, jnp.ones((3, 3, 4, 16)), **conv),
+        "conv batch": lambda: jax.ffi.ffi_call("jaxconv_onednn_conv", f32(3, 2, 2, 16))(
+            x, jnp.ones((3, 3, 8, 16)), **conv),
+        "norm fwd": lambda: jax.ffi.ffi_call(   # per-channel outputs of 1 value for 8 channels
+            "jaxconv_onednn_norm_fwd", (f32(*x.shape), f32(1), f32(1)))(x, c, c, eps=np.float32(1e-5)),
+        "norm bwd": lambda: jax.ffi.ffi_call(   # dy of another shape
+            "jaxconv_onednn_norm_bwd", (f32(*x.shape), f32(8), f32(8)))(
+            x, c, c, c, jnp.ones((2, 4, 4, 4)), eps=np.float32(1e-5)),
+    }
+    with pytest.raises(Exception, match="disagree|of x's shape"):
+        jax.block_until_ready(jax.jit(calls[name])())
+
+
 # ------------------------------------------------------------------------- pointwise convs
 
 POINTWISE = [_conv((3, 9, 7, 5), (6, 5, 1, 1), stride=s) for s in (1, 2, 3)] + [

@@ -2,7 +2,7 @@
 
 Three C++ sources ship with the package: ``grouped_cpu.cc`` (jaxconv's own direct convolution
 and max-pooling kernels, engine "kernel"), ``onednn.cc`` (an FFI front end to oneDNN's convolution and batch-norm
-backward primitives, engine "onednn") and ``barrier.cc`` (the no-op behind
+primitives, engine "onednn") and ``barrier.cc`` (the no-op behind
 ``ops.fusion_barrier``). Each is compiled once per machine with the system C++
 compiler (``$CXX``, else ``c++``) against the FFI headers that ship with jaxlib, into
 ``$JAXCONV_CACHE_DIR`` (default ``~/.cache/jaxconv/kernels``), keyed by a hash of the source,

@@ -185,6 +185,10 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   auto x = op == 1 ? out->dimensions() : a.dimensions();
   auto y = op == 0 ? out->dimensions() : op == 1 ? a.dimensions() : b.dimensions();
   auto w = op == 2 ? out->dimensions() : b.dimensions();
+  if (groups < 1 || y[0] != x[0] || w[2] * groups != x[3] || w[3] != y[3] || y[3] % groups)
+    return ffi::Error::InvalidArgument(
+        "jaxconv oneDNN conv: x (N, H, W, C_in), w (KH, KW, C_in/G, C_out), y (N, Ho, Wo, "
+        "C_out) disagree");
   Shape s{op, x[0], x[1], x[2], x[3], y[1], y[2], y[3], w[0], w[1], groups,
           sh, sw, dh, dw, pt, pb, pl, pr, type == ffi::DataType::BF16};
   // oneDNN wants (H + pt + pb - extent) / stride + 1 == Ho exactly: drop the bottom / right
@@ -282,6 +286,10 @@ ffi::Error Normalise(ffi::ThreadPool pool, float eps, bool forward,
   auto d = args.begin()->second->dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("jaxconv oneDNN batch norm: 4-D x");
   int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  for (auto& [arg, buf] : args)   // oneDNN would read and write past a smaller buffer
+    if (static_cast<int64_t>(buf->element_count()) != (is_activation(arg) ? n * h * w * c : c))
+      return ffi::Error::InvalidArgument(
+          "jaxconv oneDNN batch norm: activations of x's shape, per-channel buffers of C values");
   std::string key(sizeof(int64_t) * 6 + sizeof(float), '\0');
   int64_t dims[6] = {n, h, w, c, type == ffi::DataType::BF16, forward};
   std::memcpy(key.data(), dims, sizeof(dims));
