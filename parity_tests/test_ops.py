@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxconv import ops
+from jaxconv.ops import native
 from jaxconv.verify.ops import CASES, run_case
 from parity_tests.tolerances import OP_FP32
 
@@ -156,7 +157,6 @@ def test_batch_norm_train_bfloat16_is_the_float32_answer_rounded(shape, has_bf16
     scale / bias gradients (float32) within 2e-6 (oneDNN's per-channel sums at these sizes), on
     an input whose mean is far from 0; for two eps (1 moves y by ~5%: a wrong or cached eps
     fails)."""
-    from jaxconv.ops import native
     if has_bf16 and not (native.bf16() and native.available("onednn")):
         pytest.skip("this CPU has no AVX512-BF16 (or no oneDNN): the native bf16 path is off")
     monkeypatch.setattr(native, "bf16", lambda: has_bf16)
@@ -187,6 +187,43 @@ def test_batch_norm_train_bfloat16_is_the_float32_answer_rounded(shape, has_bf16
             tol = 2.0 ** -8 if dtype == jnp.bfloat16 else 2e-6   # bf16: half a unit at the top
             np.testing.assert_allclose(np.asarray(a, np.float64), w, rtol=0,
                                        atol=tol * np.abs(w).max(), err_msg=f"{name}, eps {eps}")
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1),
+                                dict(kernel_size=5, stride=3),
+                                dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1),
+                                     ceil_mode=True, count_include_pad=False)])
+def test_avg_pool_window_sums_are_a_conv_on_cpu(kw):
+    """On CPU an avg pool's window sums are a depthwise conv of ones on the conv engine (its
+    gradient one engine call), under 'xla' the taps: the forward of both bit-identical, the
+    gradient within float32 rounding of the taps' and of torch's; jacfwd == jacrev."""
+    import torch
+
+    from jaxconv import config
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 11, 10, 6)), jnp.float32)
+    f = functools.partial(ops.avg_pool2d, **kw)
+    g = jnp.asarray(rng.standard_normal(f(x).shape), jnp.float32)
+
+    def run():   # a fresh jit per lowering: jit caches traces
+        fwd = jax.jit(lambda x: f(x))
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x) * g)))
+        text = grad.lower(x).as_text()
+        return fwd(x), grad(x), any(t in text for t in native.TARGETS if "conv" in t)
+
+    y, dx, on_engine = run()
+    assert on_engine == (native.available("onednn") or native.available("kernel"))
+    with config.use_conv_lowering("xla"):
+        y_taps, dx_taps, taps_on_engine = run()
+    assert not taps_on_engine
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_taps))
+    tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+    (torch.nn.functional.avg_pool2d(tx, **kw) * torch.tensor(np.asarray(g).transpose(0, 3, 1, 2))).sum().backward()
+    for want in (dx_taps, tx.grad.numpy().transpose(0, 2, 3, 1)):
+        np.testing.assert_allclose(np.asarray(dx), want, rtol=1e-6, atol=1e-6)
+    small = x[:1, :6, :5, :2]
+    np.testing.assert_allclose(np.asarray(jax.jacfwd(f)(small)), np.asarray(jax.jacrev(f)(small)),
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=1, padding=1),
@@ -230,7 +267,7 @@ def test_max_pool_gradient_paths_match_torch(path, kw, monkeypatch):
     import torch
 
     from jaxconv import config
-    from jaxconv.ops import native, pool
+    from jaxconv.ops import pool
     if path == "no kernel":
         monkeypatch.setattr(pool.native, "available", lambda name: False)
     rng = np.random.default_rng(1)
@@ -268,7 +305,6 @@ def test_max_pool_gradient_paths_match_torch(path, kw, monkeypatch):
 def test_max_pool_bf16_kernel_is_the_rounded_float32_answer():
     """In bfloat16 the kernel's forward is exact and its gradient sums in float32, rounded
     once: it equals the float32 gradient of the same (bf16-valued) inputs, rounded to bf16."""
-    from jaxconv.ops import native
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.integers(0, 3, (2, 9, 8, 19)), jnp.bfloat16)
     g = jnp.asarray(rng.standard_normal((2, 9, 8, 19)), jnp.bfloat16)

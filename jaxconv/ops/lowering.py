@@ -43,7 +43,7 @@ def _compute_dtype(dtype, lowering: str):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _on_cpu(x, w, cpu_fn, lax_fn):
+def on_cpu(x, w, cpu_fn, lax_fn):
     """cpu_fn where the computation is lowered for CPU, lax_fn on any other platform."""
     if jax.default_backend() != "cpu":
         return lax_fn(x, w)
@@ -75,7 +75,7 @@ def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
 
     def cpu(x, w):
         return bind("fwd", x.astype(ct), w.astype(ct), geo, lowering=name).astype(out_dtype)
-    return _on_cpu(x, w, cpu, native_conv)
+    return on_cpu(x, w, cpu, native_conv)
 
 
 def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
@@ -97,7 +97,7 @@ def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
     def cpu(x, w):
         return bind("bwd_data", x.astype(ct), w.astype(ct), geo, in_hw=out_hw,
                     lowering=name).astype(x.dtype)
-    return _on_cpu(x, w, cpu, native_tconv)
+    return on_cpu(x, w, cpu, native_tconv)
 
 
 def _accumulation(dtype):
