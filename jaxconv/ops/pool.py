@@ -12,7 +12,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxconv import config
-from jaxconv.ops import lowering, native
+from jaxconv.ops import lowering, native, policy
 from jaxconv.ops._args import check_rank, pair
 from jaxconv.ops.barrier import fusion_barrier
 from jaxconv.ops.cpu_conv import Geometry, bind
@@ -292,23 +292,27 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
 
 
 def _window_sum(x, window):
-    """Each window's sum (zeros outside `x`). On CPU, unless the conv lowering is 'xla', a
-    depthwise conv with a kernel of ones: the same sums in the same order (bit-identical
-    forward), and its gradient one multi-threaded backward-data call of the CPU conv engine,
-    where the taps' gradient wrote one padded copy per tap (an Inception-v3 train step 4-9%
-    faster; BENCHMARKS.md, "Pooling"). Elsewhere, the taps that XLA fuses."""
+    """Each window's sum (zeros outside `x`). On CPU, where a CPU conv engine computes both its
+    passes (not under conv_lowering 'xla', nor where lax's conv would: XLA:CPU's depthwise
+    gradient is ~26x slower than the taps'), a depthwise conv with a kernel of ones: the same
+    sums in the same order (bit-identical forward), and its gradient one multi-threaded
+    backward-data call, where the taps' gradient wrote one padded copy per tap (an Inception-v3
+    train step 4-9% faster; BENCHMARKS.md, "Pooling"). Elsewhere, the taps that XLA fuses."""
     k, s, d, pads, out_hw = window
-    name = config.conv_lowering
+    n, c = x.shape[0], x.shape[-1]
+    geo, name = Geometry(k, s, pads, d, groups=c), config.conv_lowering
+    w, g = (jax.ShapeDtypeStruct(shape, x.dtype) for shape in ((*k, 1, c), (n, *out_hw, c)))
 
     def taps(x, w):
         return sum(_taps(x, window, np.array(0, x.dtype)))
-    if name == "xla":
+    if (name == "xla" or 0 in x.shape or jax.default_backend() != "cpu"
+            or "xla" in (policy.engine("fwd", geo, x, w, name),
+                         policy.engine("bwd_data", geo, g, w, name, x.shape[1:3]))):
         return taps(x, None)
-    geo = Geometry(k, s, pads, d, groups=x.shape[-1])
 
     def engine(x, w):
         return bind("fwd", x, w, geo, lowering=name)[:, :out_hw[0], :out_hw[1]]
-    return lowering.on_cpu(x, jnp.ones((*k, 1, x.shape[-1]), x.dtype), engine, taps)
+    return lowering.on_cpu(x, jnp.ones(w.shape, x.dtype), engine, taps)
 
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:
