@@ -26,11 +26,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxconv import config
 from jaxconv.ops import native
+from jaxconv.ops._formula import formula_primitive
 
 AXES = (0, 1, 2)   # N, H, W of NHWC
 
@@ -92,12 +92,7 @@ def _backward(x, mean, var, scale, ct, *, axes, eps, lowering=None):
 def _primitive(name, formula, multiple_results=True):
     """A primitive computed by `formula` (its abstract evaluation, eager evaluation, lowering
     off CPU, JVP and vmap all come from it)."""
-    p = Primitive(name)
-    p.multiple_results = multiple_results
-
-    def abstract(*avals, **params):
-        out = jax.eval_shape(functools.partial(formula, **params), *avals)
-        return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
+    p = formula_primitive(name, formula, multiple_results)
 
     def batch(args, dims, *, axes, **params):
         """vmap: the mapped axis in front of every operand; the reduced axes move up by one."""
@@ -111,10 +106,6 @@ def _primitive(name, formula, multiple_results=True):
                          for v, t in zip(primals, tangents))
         return jax.jvp(functools.partial(formula, **params), tuple(primals), tangents)
 
-    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
-    p.def_abstract_eval(abstract)
-    p.def_impl(lambda *args, **params: compiled(**params)(*args))
-    mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
     batching.primitive_batchers[p] = batch
     ad.primitive_jvps[p] = jvp
     return p

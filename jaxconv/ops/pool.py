@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxconv import config
 from jaxconv.ops import lowering, native, policy
 from jaxconv.ops._args import check_rank, pair
+from jaxconv.ops._formula import formula_primitive
 from jaxconv.ops.barrier import fusion_barrier
 from jaxconv.ops.cpu_conv import Geometry, bind
 
@@ -154,12 +154,7 @@ def _scatter(ct, won, *, window, in_hw, lowering=None):
 def _pool_primitive(name, formula, multiple_results=False):
     """A primitive computed by `formula` (its shapes, eager evaluation and lowering off CPU);
     vmap folds the mapped axis into the batch."""
-    p = Primitive(name)
-    p.multiple_results = multiple_results
-
-    def abstract(*avals, **params):
-        out = jax.eval_shape(functools.partial(formula, **params), *avals)
-        return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
+    p = formula_primitive(name, formula, multiple_results)
 
     def batch(args, dims, **params):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
@@ -169,10 +164,6 @@ def _pool_primitive(name, formula, multiple_results=False):
         return (([unfold(o) for o in outs], [0] * len(outs)) if multiple_results
                 else (unfold(outs), 0))
 
-    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
-    p.def_abstract_eval(abstract)
-    p.def_impl(lambda *args, **params: compiled(**params)(*args))
-    mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
     batching.primitive_batchers[p] = batch
     return p
 

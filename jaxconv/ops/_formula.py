@@ -1,0 +1,26 @@
+"""The part every formula-backed primitive of jaxconv.ops shares (ops.norm, ops.pool)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+
+def formula_primitive(name: str, formula, multiple_results: bool = False) -> Primitive:
+    """A primitive whose shapes, eager evaluation (jitted, one compile per parameter set) and
+    lowering on every platform without one of its own come from `formula`; the caller adds its
+    batching and differentiation rules and its CPU lowering."""
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+
+    def abstract(*avals, **params):
+        out = jax.eval_shape(functools.partial(formula, **params), *avals)
+        return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
+
+    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
+    p.def_abstract_eval(abstract)
+    p.def_impl(lambda *args, **params: compiled(**params)(*args))
+    mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
+    return p
