@@ -119,7 +119,7 @@ def _onednn(x, axes, lowering) -> bool:
             and lowering != "xla" and native.available("onednn"))
 
 
-def _on_cpu(target, formula, float32=True):
+def _cpu_lowering(target, formula, float32=True):
     """A CPU lowering: oneDNN's `target` where `_onednn` says so (and, unless `float32`, only
     for bfloat16 x), else `formula`."""
     def lower(ctx, *args, axes, eps, lowering):
@@ -136,9 +136,9 @@ def _on_cpu(target, formula, float32=True):
 forward_p = _primitive("jaxconv_batch_norm", _forward)
 backward_p = _primitive("jaxconv_batch_norm_backward", _backward)
 tangent_p = _primitive("jaxconv_batch_norm_tangent", _tangent, multiple_results=False)
-mlir.register_lowering(backward_p, _on_cpu("jaxconv_onednn_norm_bwd", _backward), platform="cpu")
+mlir.register_lowering(backward_p, _cpu_lowering("jaxconv_onednn_norm_bwd", _backward), platform="cpu")
 # bf16 only: XLA:CPU materialises a float32 copy and the centred input to reduce a bf16 x
-mlir.register_lowering(forward_p, _on_cpu("jaxconv_onednn_norm_fwd", _forward, float32=False),
+mlir.register_lowering(forward_p, _cpu_lowering("jaxconv_onednn_norm_fwd", _forward, float32=False),
                        platform="cpu")
 
 
