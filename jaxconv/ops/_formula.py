@@ -15,6 +15,7 @@ def formula_primitive(name: str, formula, multiple_results: bool = False) -> Pri
     p = Primitive(name)
     p.multiple_results = multiple_results
 
+    @functools.lru_cache(maxsize=4096)   # tracing the formula for every call is slow
     def abstract(*avals, **params):
         out = jax.eval_shape(functools.partial(formula, **params), *avals)
         return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
