@@ -96,7 +96,7 @@ def _lax_fwd(x, w, geo: Geometry):
                                     feature_group_count=geo.groups)
 
 
-def _lax(a, b, *, op, geo, in_hw):
+def _lax(a, b, *, op, geo, in_hw, lowering=None):
     """The pass `op` with lax's convolution (its own transposes for the two adjoints)."""
     if op == "fwd":
         return _lax_fwd(a, b, geo)
@@ -223,7 +223,8 @@ ad.defbilinear(conv_p, _transpose_lhs, _transpose_rhs)
 
 def _batch_rule(args, dims, *, op, geo, in_hw, lowering):
     """vmap: a batch axis on the activation operand of fwd / bwd_data folds into N; any other
-    combination maps the primitive over the batch axis (a loop, as lax.map)."""
+    combination maps the primitive over the batch axis on CPU (a loop, as lax.map) and is lax's
+    own batched convolution elsewhere (grouped, as cuDNN likes it)."""
     a, b = args
     da, db = dims
     params = dict(op=op, geo=geo, in_hw=in_hw, lowering=lowering)
@@ -235,7 +236,9 @@ def _batch_rule(args, dims, *, op, geo, in_hw, lowering):
     size = a.shape[da] if da is not None else b.shape[db]
     a = batching.bdim_at_front(a, da, size)
     b = batching.bdim_at_front(b, db, size)
-    return lax.map(lambda ab: conv_p.bind(*ab, **params), (a, b)), 0
+    return lax.platform_dependent(
+        a, b, cpu=lambda a, b: lax.map(lambda ab: conv_p.bind(*ab, **params), (a, b)),
+        default=jax.vmap(functools.partial(_lax, op=op, geo=geo, in_hw=in_hw))), 0
 
 
 batching.primitive_batchers[conv_p] = _batch_rule

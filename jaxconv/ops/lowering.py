@@ -12,9 +12,12 @@ go through ``jaxconv.ops.cpu_conv.conv_p`` (oneDNN or jaxconv's kernel, pass by 
 'auto': 'xla' (lax everywhere, the reference), 'onednn' or 'kernel' (CPU; passes the engine
 cannot compute, e.g. oneDNN in float64, use lax). The choice is read when a function is traced.
 
-On a CPU-default process the CPU formulation sits in a ``lax.platform_dependent`` branch whose
-other branch is lax's convolution, so a computation lowered for GPU/TPU (``jax.export``) keeps
-cuDNN's kernels; processes whose default backend is not CPU trace lax only. ``jax.export`` of a
+``conv_p`` itself lowers to lax's convolution on every platform but CPU, so a computation a
+CPU-default process lowers for GPU/TPU (``jax.export``) keeps cuDNN's kernels. Where lax's
+convolution would be called otherwise than conv_p's (a float32 result of bfloat16 inputs, a
+precision) or the CPU computes in another dtype (bfloat16 in float32 on CPUs without
+AVX512-BF16), the CPU formulation sits in a ``lax.platform_dependent`` branch whose other
+branch is lax's convolution; processes whose default backend is not CPU trace lax only. ``jax.export`` of a
 computation lowered for CPU needs ``disabled_checks=EXPORT_CHECKS`` (this package's FFI targets
 carry no cross-version guarantee).
 """
@@ -70,8 +73,13 @@ def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
     ct = _compute_dtype(x.dtype, name)
     if ct == x.dtype and jnp.dtype(out_dtype) != x.dtype:
         ct = jnp.promote_types(x.dtype, jnp.float32)   # a wider result: float32 products
-    if name == "xla" or ct is None:
+    if name == "xla" or ct is None or jax.default_backend() != "cpu":
         return native_conv(x, w)
+    if (ct == x.dtype == jnp.dtype(out_dtype) and precision is None
+            and preferred_element_type in (None, x.dtype)):
+        # conv_p is lax's convolution off CPU: no platform branch (its linearisation was a
+        # third of the time to trace a ResNeXt-50 train step)
+        return bind("fwd", x, w, geo, lowering=name)
 
     def cpu(x, w):
         return bind("fwd", x.astype(ct), w.astype(ct), geo, lowering=name).astype(out_dtype)
@@ -91,8 +99,10 @@ def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
         ).astype(x.dtype), y)(x)[0]
 
     ct = _compute_dtype(x.dtype, name)
-    if name == "xla" or ct is None:
+    if name == "xla" or ct is None or jax.default_backend() != "cpu":
         return native_tconv(x, w)
+    if ct == x.dtype and _accumulation(x.dtype) is None:   # conv_p is lax's convolution off CPU
+        return bind("bwd_data", x, w, geo, in_hw=out_hw, lowering=name)
 
     def cpu(x, w):
         return bind("bwd_data", x.astype(ct), w.astype(ct), geo, in_hw=out_hw,
