@@ -2,7 +2,8 @@
 
     python -m bench conv [--layers] [--models] [--names resnext50_32x4d,...] [--engines auto,onednn]
                          [--passes fwd,bwd_data,bwd_weights,fwdbwd] [--kinds grouped,dense]
-                         [--batch 8] [--repeats 7] [--model-repeats 5] [--only SUBSTRING,...]
+                         [--batch 8] [--repeats 7] [--model-repeats 5] [--model-warmup 4]
+                         [--only SUBSTRING,...]
 
 --layers: every distinct Conv2d of the chosen models (jaxconv.summary.conv_layers, native input
 size), batch `batch`, float32. Per pass: fwd (the output), bwd_data (input gradient),
@@ -22,11 +23,14 @@ jaxconv's calls (MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole model
 --bn-fold: what folding eval BatchNorms into the convs could save at most: each model's
 inference with every BatchNorm2d replaced by the identity, against the same model with them.
 
-Every number is a wall time over `repeats` runs after one warm-up run (which compiles),
-jax.block_until_ready on jaxconv's side, jaxconv and torch interleaved run by run so that load
-changes hit both; torch uses torch.set_num_threads(threads), XLA's CPU client its default (all
-cores). ratio = jaxconv / torch (below 1: jaxconv is faster), of the minima and of the medians.
-The 1-minute load average before and after is printed; a loaded machine skews both columns.
+Every number is a wall time over `repeats` runs after warm-up runs (one for layers; for
+models the compiling call and `--model-warmup` more: a jaxconv train step's first few calls
+grow glibc's heap until XLA's temporary buffer fits, ~220k page faults each for ResNeXt-50;
+BENCHMARKS.md "Host memory"), jax.block_until_ready on jaxconv's side, jaxconv and torch
+interleaved run by run so that load changes hit both; torch uses
+torch.set_num_threads(threads), XLA's CPU client its default (all cores). ratio = jaxconv /
+torch (below 1: jaxconv is faster), of the minima and of the medians. The 1-minute load
+average before and after is printed; a loaded machine skews both columns.
 """
 from __future__ import annotations
 
@@ -100,11 +104,12 @@ def _workers():
         torch_worker.close()
 
 
-def _interleaved(fns, repeats):
-    """{name: (min, median)} seconds; each fn warmed up once, then run round-robin. A fn that
+def _interleaved(fns, repeats, warmup=1):
+    """{name: (min, median)} seconds; each fn run `warmup` times, then round-robin. A fn that
     returns a number (a _Worker timer) has timed itself."""
-    for fn in fns.values():
-        fn()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -354,7 +359,8 @@ def bench_models(args):
             fns = {**jax_worker.fns(_jax_model_fns, name, args.model_batch, size, args.engines),
                    **torch_worker.fns(_torch_model_fns, name, args.model_batch, size, args.threads)}
             for p in ("inference", "train step"):
-                res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats)
+                res = _interleaved({k: v for k, v in fns.items() if k[1] == p}, args.model_repeats,
+                                   args.model_warmup)
                 cells = []
                 for n in args.engines:
                     cells += [_fmt(res[(n, p)]), _ratio(res[(n, p)], res[("torch", p)])]
@@ -408,6 +414,7 @@ def main(argv=None):
     p.add_argument("--passes", default="fwd,fwdbwd", help=f"layer passes: {','.join(PASSES)}")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model-repeats", type=int, default=5)
+    p.add_argument("--model-warmup", type=int, default=4, help="untimed runs of each model pass")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--model-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count())
