@@ -175,3 +175,29 @@ def test_param_dtype_sets_every_parameter(name):
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))} == {jnp.dtype(jnp.float32)}
     model.reset_classifier(7)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_top_level_access_as_in_timm():
+    """`import jaxconv` alone gives timm's entry points and every subpackage (loaded on first
+    access, in a fresh interpreter where nothing else imported them); a wrong name is an
+    AttributeError naming it."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, jaxconv\n"
+            "assert 'jaxconv.models' not in sys.modules\n"
+            "assert jaxconv.create_model is jaxconv.models.create_model\n"
+            "assert 'resnext50_32x4d' in jaxconv.list_models()\n"
+            "for name in ('config', 'convert', 'nn', 'ops', 'predict', 'summary', 'verify'):\n"
+            "    assert getattr(jaxconv, name).__name__ == 'jaxconv.' + name\n"
+            "assert 'create_model' in dir(jaxconv)\n"
+            "try:\n"
+            "    jaxconv.nope\n"
+            "except AttributeError as e:\n"
+            "    assert \"'nope'\" in str(e)\n"
+            "else:\n"
+            "    raise SystemExit('no AttributeError')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
