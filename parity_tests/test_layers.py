@@ -2,6 +2,7 @@
 then forward, input gradient, every parameter gradient and (train mode) BN running statistics."""
 import copy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,18 @@ def test_state_dict_round_trip(name, jax_factory, torch_factory, shape):
     assert set(back) == set(expected)
     for k in expected:
         np.testing.assert_array_equal(back[k], expected[k], err_msg=k)
+
+
+def test_batchnorm_statistics_keep_their_dtype():
+    """A float64 batch (x64) updates float32 running statistics and leaves them float32 (a
+    state carried through lax.scan or nnx.jit keeps its type), with torch's update rule
+    computed here in numpy: momentum 0.1, the unbiased batch variance."""
+    x = np.random.default_rng(0).standard_normal((3, 5, 4, 4))
+    with jax.enable_x64(True):
+        bn = nn.BatchNorm2d(4)
+        bn(jnp.asarray(x))
+        mean, var = bn.mean[...], bn.var[...]
+    assert mean.dtype == var.dtype == jnp.float32
+    flat = x.reshape(-1, 4)
+    np.testing.assert_allclose(mean, 0.1 * flat.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(var, 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)
