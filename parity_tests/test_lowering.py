@@ -502,12 +502,27 @@ def _per_example_weight_grads(x, w):
 def test_float32_convs_trace_without_a_platform_branch():
     """A float32 conv binds conv_p itself, which lowers to lax's convolution off CPU: no
     platform branch to trace and linearise (it was a third of the time to trace a ResNeXt-50
-    train step). Per-example weight gradients still lower to lax's batched convolution for a GPU
-    (no loop) and to the engine's loop on CPU."""
+    train step), nor for a transposed conv. Per-example weight gradients still lower to lax's
+    batched convolution for a GPU (no loop; an ensemble's input is not copied per kernel) and to
+    the engine's loop on CPU."""
     x, w = jnp.ones((2, 4, 6, 6, 8)), jnp.ones((3, 3, 2, 8))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(ops.conv2d(x, w, groups=4) ** 2)))(
         x[0], w))
     assert "jaxconv_conv" in jaxpr and "platform_index" not in jaxpr and "cond" not in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda x, w: ops.conv_transpose2d(x, w, stride=2, groups=4))(
+        x[0], jnp.ones((3, 3, 2, 8))))
+    assert "jaxconv_conv" in jaxpr and "platform_index" not in jaxpr
+    # the precision in force where the conv is traced holds off CPU, though lowering is later
+    # (this suite's global default is "highest")
+    def high(x, w):
+        with jax.default_matmul_precision("high"):
+            return ops.conv2d(x, w, groups=4)
+    assert "precision_config = [#stablehlo<precision HIGH>, #stablehlo<precision HIGH>]" in \
+        exported_mlir(high, x[0], w, platform="cuda")
+    # an ensemble (kernels mapped, one input) is one grouped conv of the input as it is
+    ensemble = exported_mlir(lambda x, ws: jax.vmap(lambda w: ops.conv2d(x, w, groups=4))(ws),
+                             x[0], jnp.ones((5, *w.shape)), platform="cuda")
+    assert _targets(ensemble) == {"stablehlo.convolution"} and "broadcast_in_dim" not in ensemble
     gpu = exported_mlir(_per_example_weight_grads, x, w, platform="cuda")
     assert "stablehlo.while" not in gpu and _targets(gpu) == {"stablehlo.convolution"}
     assert "stablehlo.while" in exported_mlir(_per_example_weight_grads, x, w)

@@ -53,10 +53,13 @@ class Geometry:
                      in zip(in_hw, self.pads, self.kernel, self.dilation, self.stride))
 
 
-def bind(op: str, a, b, geo: Geometry, *, in_hw=None, lowering: str = "auto"):
-    """conv_p.bind with checked, hashable parameters (`lowering`: 'auto' or a forced engine)."""
+def bind(op: str, a, b, geo: Geometry, *, in_hw=None, lowering: str = "auto", precision=None):
+    """conv_p.bind with checked, hashable parameters (`lowering`: 'auto' or a forced engine;
+    `precision`: lax's, for the lowering off CPU, where the CPU engines compute float32 products
+    exactly)."""
     return conv_p.bind(a, b, op=op, geo=geo, in_hw=None if in_hw is None else tuple(in_hw),
-                       lowering=lowering)
+                       lowering=lowering,
+                       precision=tuple(precision) if isinstance(precision, list) else precision)
 
 
 # ------------------------------------------------------------------------------ the primitive
@@ -72,7 +75,7 @@ def _out_shape(a_shape, b_shape, op, geo: Geometry, in_hw):
     return (*geo.kernel, a_shape[3] // geo.groups, b_shape[3])
 
 
-def _abstract_eval(a, b, *, op, geo, in_hw, lowering):
+def _abstract_eval(a, b, *, op, geo, in_hw, lowering, precision):
     if a.dtype != b.dtype:
         raise ValueError(f"conv_p: operands of one dtype expected, got {a.dtype} and {b.dtype}")
     return jax.core.ShapedArray(_out_shape(a.shape, b.shape, op, geo, in_hw), a.dtype)
@@ -82,8 +85,9 @@ conv_p.def_abstract_eval(_abstract_eval)
 
 
 @functools.cache
-def _compiled(op, geo, in_hw, lowering):
-    return jax.jit(functools.partial(conv_p.bind, op=op, geo=geo, in_hw=in_hw, lowering=lowering))
+def _compiled(op, geo, in_hw, lowering, precision):
+    return jax.jit(functools.partial(conv_p.bind, op=op, geo=geo, in_hw=in_hw, lowering=lowering,
+                                     precision=precision))
 
 
 conv_p.def_impl(lambda a, b, **params: _compiled(**params)(a, b))
@@ -91,20 +95,20 @@ conv_p.def_impl(lambda a, b, **params: _compiled(**params)(a, b))
 
 # ----------------------------------------------------------------------------- lax reference
 
-def _lax_fwd(x, w, geo: Geometry):
+def _lax_fwd(x, w, geo: Geometry, precision=None):
     return lax.conv_general_dilated(x, w, geo.stride, geo.pads, None, geo.dilation, DIMS,
-                                    feature_group_count=geo.groups)
+                                    feature_group_count=geo.groups, precision=precision)
 
 
-def _lax(a, b, *, op, geo, in_hw, lowering=None):
+def _lax(a, b, *, op, geo, in_hw, lowering=None, precision=None):
     """The pass `op` with lax's convolution (its own transposes for the two adjoints)."""
     if op == "fwd":
-        return _lax_fwd(a, b, geo)
+        return _lax_fwd(a, b, geo, precision)
     if op == "bwd_data":
         x = jax.ShapeDtypeStruct(_out_shape(a.shape, b.shape, op, geo, in_hw), a.dtype)
-        return jax.linear_transpose(lambda x: _lax_fwd(x, b, geo), x)(a)[0]
+        return jax.linear_transpose(lambda x: _lax_fwd(x, b, geo, precision), x)(a)[0]
     w = jax.ShapeDtypeStruct(_out_shape(a.shape, b.shape, op, geo, in_hw), a.dtype)
-    return jax.linear_transpose(lambda w: _lax_fwd(a, w, geo), w)(b)[0]
+    return jax.linear_transpose(lambda w: _lax_fwd(a, w, geo, precision), w)(b)[0]
 
 
 # ------------------------------------------------------------------------------ the engines
@@ -176,7 +180,7 @@ def _matmul(a, b, *, op, geo, in_hw):
 ENGINES = {"xla": _lax, "kernel": _kernel, "onednn": _onednn, "matmul": _matmul}
 
 
-def _cpu_lowering(ctx, a, b, *, op, geo, in_hw, lowering):
+def _cpu_lowering(ctx, a, b, *, op, geo, in_hw, lowering, precision):
     a_aval, b_aval = ctx.avals_in
     out = ctx.avals_out[0]
     if 0 in a_aval.shape or 0 in b_aval.shape or 0 in out.shape:   # batch 0, empty kernel
@@ -198,8 +202,8 @@ mlir.register_lowering(conv_p, _cpu_lowering, platform="cpu")
 #   bwd_data(gy, w):   gy <- fwd(ct, w)            w <- bwd_weights(ct, gy)
 #   bwd_weights(x, gy): x <- bwd_data(gy, ct)      gy <- fwd(x, ct)
 
-def _transpose_lhs(ct, a, b, *, op, geo, in_hw, lowering):
-    kw = dict(geo=geo, lowering=lowering)
+def _transpose_lhs(ct, a, b, *, op, geo, in_hw, lowering, precision):
+    kw = dict(geo=geo, lowering=lowering, precision=precision)
     if op == "fwd":
         return bind("bwd_data", ct, b, in_hw=a.aval.shape[1:3], **kw)
     if op == "bwd_data":
@@ -207,8 +211,8 @@ def _transpose_lhs(ct, a, b, *, op, geo, in_hw, lowering):
     return bind("bwd_data", b, ct, in_hw=a.aval.shape[1:3], **kw)
 
 
-def _transpose_rhs(ct, a, b, *, op, geo, in_hw, lowering):
-    kw = dict(geo=geo, lowering=lowering)
+def _transpose_rhs(ct, a, b, *, op, geo, in_hw, lowering, precision):
+    kw = dict(geo=geo, lowering=lowering, precision=precision)
     if op == "fwd":
         return bind("bwd_weights", a, ct, **kw)
     if op == "bwd_data":
@@ -221,24 +225,26 @@ ad.defbilinear(conv_p, _transpose_lhs, _transpose_rhs)
 
 # ------------------------------------------------------------------------------------ batching
 
-def _batch_rule(args, dims, *, op, geo, in_hw, lowering):
+def _batch_rule(args, dims, *, op, geo, in_hw, lowering, precision):
     """vmap: a batch axis on the activation operand of fwd / bwd_data folds into N; any other
     combination maps the primitive over the batch axis on CPU (a loop, as lax.map) and is lax's
     own batched convolution elsewhere (grouped, as cuDNN likes it)."""
     a, b = args
     da, db = dims
-    params = dict(op=op, geo=geo, in_hw=in_hw, lowering=lowering)
+    params = dict(op=op, geo=geo, in_hw=in_hw, lowering=lowering, precision=precision)
     if db is None and op in ("fwd", "bwd_data"):
         a = jnp.moveaxis(a, da, 0)
         k, n = a.shape[:2]
         out = conv_p.bind(a.reshape(k * n, *a.shape[2:]), b, **params)
         return out.reshape(k, n, *out.shape[1:]), 0
     size = a.shape[da] if da is not None else b.shape[db]
-    a = batching.bdim_at_front(a, da, size)
-    b = batching.bdim_at_front(b, db, size)
-    return lax.platform_dependent(
-        a, b, cpu=lambda a, b: lax.map(lambda ab: conv_p.bind(*ab, **params), (a, b)),
-        default=jax.vmap(functools.partial(_lax, op=op, geo=geo, in_hw=in_hw))), 0
+
+    def cpu(a, b):
+        ab = batching.bdim_at_front(a, da, size), batching.bdim_at_front(b, db, size)
+        return lax.map(lambda ab: conv_p.bind(*ab, **params), ab)
+    default = jax.vmap(functools.partial(_lax, op=op, geo=geo, in_hw=in_hw, precision=precision),
+                       in_axes=(da, db))
+    return lax.platform_dependent(a, b, cpu=cpu, default=default), 0
 
 
 batching.primitive_batchers[conv_p] = _batch_rule

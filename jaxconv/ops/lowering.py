@@ -12,14 +12,15 @@ go through ``jaxconv.ops.cpu_conv.conv_p`` (oneDNN or jaxconv's kernel, pass by 
 'auto': 'xla' (lax everywhere, the reference), 'onednn' or 'kernel' (CPU; passes the engine
 cannot compute, e.g. oneDNN in float64, use lax). The choice is read when a function is traced.
 
-``conv_p`` itself lowers to lax's convolution on every platform but CPU, so a computation a
-CPU-default process lowers for GPU/TPU (``jax.export``) keeps cuDNN's kernels. Where lax's
-convolution would be called otherwise than conv_p's (a float32 result of bfloat16 inputs, a
-precision) or the CPU computes in another dtype (bfloat16 in float32 on CPUs without
-AVX512-BF16), the CPU formulation sits in a ``lax.platform_dependent`` branch whose other
-branch is lax's convolution; processes whose default backend is not CPU trace lax only. ``jax.export`` of a
-computation lowered for CPU needs ``disabled_checks=EXPORT_CHECKS`` (this package's FFI targets
-carry no cross-version guarantee).
+``conv_p`` itself lowers to lax's convolution on every platform but CPU (with the precision in
+force where the conv was traced), so a computation a CPU-default process lowers for GPU/TPU
+(``jax.export``) keeps cuDNN's kernels. Where lax's convolution would be called otherwise than
+conv_p's (a float32 result of bfloat16 inputs) or the CPU computes in another dtype (bfloat16
+in float32 on CPUs without AVX512-BF16), the CPU formulation sits in a
+``lax.platform_dependent`` branch whose other branch is lax's convolution; processes whose
+default backend is not CPU trace lax only. ``jax.export`` of a computation lowered for CPU
+needs ``disabled_checks=EXPORT_CHECKS`` (this package's FFI targets carry no cross-version
+guarantee).
 """
 from __future__ import annotations
 
@@ -75,11 +76,10 @@ def conv(x, w, geo: Geometry, *, preferred_element_type=None, precision=None,
         ct = jnp.promote_types(x.dtype, jnp.float32)   # a wider result: float32 products
     if name == "xla" or ct is None or jax.default_backend() != "cpu":
         return native_conv(x, w)
-    if (ct == x.dtype == jnp.dtype(out_dtype) and precision is None
-            and preferred_element_type in (None, x.dtype)):
+    if ct == x.dtype == jnp.dtype(out_dtype) and preferred_element_type in (None, x.dtype):
         # conv_p is lax's convolution off CPU: no platform branch (its linearisation was a
         # third of the time to trace a ResNeXt-50 train step)
-        return bind("fwd", x, w, geo, lowering=name)
+        return bind("fwd", x, w, geo, lowering=name, precision=_precision(precision))
 
     def cpu(x, w):
         return bind("fwd", x.astype(ct), w.astype(ct), geo, lowering=name).astype(out_dtype)
@@ -102,12 +102,18 @@ def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
     if name == "xla" or ct is None or jax.default_backend() != "cpu":
         return native_tconv(x, w)
     if ct == x.dtype and _accumulation(x.dtype) is None:   # conv_p is lax's convolution off CPU
-        return bind("bwd_data", x, w, geo, in_hw=out_hw, lowering=name)
+        return bind("bwd_data", x, w, geo, in_hw=out_hw, lowering=name, precision=_precision(None))
 
     def cpu(x, w):
         return bind("bwd_data", x.astype(ct), w.astype(ct), geo, in_hw=out_hw,
                     lowering=name).astype(x.dtype)
     return on_cpu(x, w, cpu, native_tconv)
+
+
+def _precision(precision):
+    """`precision`, or the default in force now (`jax.default_matmul_precision`), which lax
+    reads when a conv is traced: conv_p is lowered later, maybe outside that context."""
+    return jax.config.jax_default_matmul_precision if precision is None else precision
 
 
 def _accumulation(dtype):
