@@ -4,7 +4,7 @@
 subpackages (``jaxconv.models``, ``jaxconv.ops``, ...) and timm's entry points
 (``jaxconv.create_model``, ``jaxconv.list_models``) load on first access.
 """
-import importlib
+import importlib as _importlib
 
 from jaxconv import host_memory
 
@@ -18,11 +18,11 @@ _FROM_MODELS = ("create_model", "list_models", "list_pretrained")
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
-        return importlib.import_module(f"jaxconv.{name}")
+        return _importlib.import_module(f"jaxconv.{name}")
     if name in _FROM_MODELS:
-        return getattr(importlib.import_module("jaxconv.models"), name)
+        return getattr(_importlib.import_module("jaxconv.models"), name)
     raise AttributeError(f"module 'jaxconv' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_SUBMODULES, *_FROM_MODELS])
+    return sorted({*globals(), *_SUBMODULES, *_FROM_MODELS})

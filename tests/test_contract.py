@@ -185,11 +185,12 @@ def test_top_level_access_as_in_timm():
     import subprocess
     import sys
     code = ("import sys, jaxconv\n"
-            "assert 'jaxconv.models' not in sys.modules\n"
+            "names = ('config', 'ops', 'nn', 'models', 'convert', 'predict', 'summary', 'verify')\n"
+            "assert not [n for n in names if 'jaxconv.' + n in sys.modules]\n"
+            "for name in names:\n"
+            "    assert getattr(jaxconv, name).__name__ == 'jaxconv.' + name\n"
             "assert jaxconv.create_model is jaxconv.models.create_model\n"
             "assert 'resnext50_32x4d' in jaxconv.list_models()\n"
-            "for name in ('config', 'convert', 'nn', 'ops', 'predict', 'summary', 'verify'):\n"
-            "    assert getattr(jaxconv, name).__name__ == 'jaxconv.' + name\n"
             "assert 'create_model' in dir(jaxconv)\n"
             "try:\n"
             "    jaxconv.nope\n"
