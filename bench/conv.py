@@ -24,9 +24,9 @@ jaxconv's calls (MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole model
 inference with every BatchNorm2d replaced by the identity, against the same model with them.
 
 Every number is a wall time over `repeats` runs after warm-up runs (one for layers; for
-models the compiling call and `--model-warmup` more: a jaxconv train step's first few calls
+models `--model-warmup`, the compiling call among them: a jaxconv train step's first few calls
 grow glibc's heap until XLA's temporary buffer fits, ~220k page faults each for ResNeXt-50;
-BENCHMARKS.md "Host memory"), jax.block_until_ready on jaxconv's side, jaxconv and torch
+README.md "Host memory"), jax.block_until_ready on jaxconv's side, jaxconv and torch
 interleaved run by run so that load changes hit both; torch uses
 torch.set_num_threads(threads), XLA's CPU client its default (all cores). ratio = jaxconv /
 torch (below 1: jaxconv is faster), of the minima and of the medians. The 1-minute load
