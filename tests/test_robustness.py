@@ -52,12 +52,18 @@ LAYERS = [  # (jaxconv layer, torch twin, input NHWC with batch 0)
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("layer, twin, shape", LAYERS, ids=[str(i) for i in range(len(LAYERS))])
 def test_every_layer_takes_an_empty_batch(layer, twin, shape, train):
+    """An empty batch: the output shape of a batch of two with N = 0, zero gradients, and
+    BatchNorm's running statistics untouched (as torch)."""
     m = layer()
     m.train() if train else m.eval()
     x = jnp.zeros(shape)
+    want = (0, *jax.eval_shape(lambda x: nnx.clone(m)(x), jnp.zeros((2, *shape[1:]))).shape[1:])
+    stats = jax.tree.map(np.asarray, nnx.state(m, nnx.BatchStat))
     y = m(x)
+    assert y.shape == want
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(m, nnx.BatchStat), stats)
     _, grads = nnx.value_and_grad(lambda m, x: jnp.sum(m(x)), argnums=(0, 1))(m, x)
-    assert y.shape[0] == 0 and not np.any(np.asarray(grads[1]))
+    assert not np.any(np.asarray(grads[1]))
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads[0]))
     if twin is not None:   # torch gives the same (empty) shape
         assert nhwc(twin().train(train)(nchw(np.zeros(shape, np.float32)))).shape == y.shape
