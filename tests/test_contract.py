@@ -22,10 +22,15 @@ from tests.helpers import HEAVY, abstract_model, filled_model, heads, params
 MODELS = list_models()
 NUM_CLASSES = 7
 # timm 1.0's feature_info module names, channels and reductions (timm/models/resnet.py,
-# xception.py, efficientnet.py (mobilenetv1_100), inception_v3.py)
-TIMM_FEATURES = {
-    "resnext50_32x4d": [("act1", 64, 2), ("layer1", 256, 4), ("layer2", 512, 8),
-                        ("layer3", 1024, 16), ("layer4", 2048, 32)],
+# xception.py, efficientnet.py (mobilenetv1_100), inception_v3.py); GoogLeNet (not in timm):
+# torchvision's module names at the same five strides
+RESNEXT_FEATURES = [("act1", 64, 2), ("layer1", 256, 4), ("layer2", 512, 8), ("layer3", 1024, 16),
+                    ("layer4", 2048, 32)]
+FEATURES = {
+    **{n: RESNEXT_FEATURES for n in ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+                                     "resnext152_32x4d", "resnext50_32x4d_dcn")},
+    "googlenet": [("conv1", 64, 2), ("conv3", 192, 4), ("inception3b", 480, 8),
+                  ("inception4e", 832, 16), ("inception5b", 1024, 32)],
     "xception": [("act2", 64, 2), ("block2.rep.0", 128, 4), ("block3.rep.0", 256, 8),
                  ("block12.rep.0", 728, 16), ("act4", 2048, 32)],
     "mobilenet_v1": [("blocks.0", 64, 2), ("blocks.1", 128, 4), ("blocks.2", 256, 8),
@@ -73,11 +78,14 @@ def test_forward_features_head_and_feature_info(model):
     for f, c, r in zip(out["maps"].values(), info.channels(), info.reduction()):
         assert f.shape[-1] == c and 0 < f.shape[1] <= -(-x.shape[1] // r), (name, f.shape, c, r)
     np.testing.assert_array_equal(list(out["maps"].values())[-1], out["features"])
-    if name in TIMM_FEATURES:
-        assert list(zip(info.module_name(), info.channels(), info.reduction())) == TIMM_FEATURES[name]
+    assert list(zip(info.module_name(), info.channels(), info.reduction())) == FEATURES[name]
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if n not in HEAVY])
+def test_every_model_has_its_expected_feature_levels():
+    assert set(FEATURES) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", params(MODELS, HEAVY))
 def test_num_classes_zero_global_pool_and_reset_classifier(name):
     """num_classes=0: pooled features; global_pool='': the unpooled map; reset_classifier to
     another count and back to none (timm's semantics), all without running initialisers but
@@ -96,7 +104,7 @@ def test_num_classes_zero_global_pool_and_reset_classifier(name):
         m.reset_classifier(5, global_pool="max")
 
 
-@pytest.mark.parametrize("name", [n for n in MODELS if n not in HEAVY])
+@pytest.mark.parametrize("name", MODELS)   # abstract: cheap for the big models too
 def test_features_only(name):
     x = _input(name, batch=1)
     m = nnx.eval_shape(lambda: create_model(name, features_only=True, out_indices=(1, -1)))
@@ -122,9 +130,15 @@ def test_grad_checkpointing_changes_nothing_and_every_parameter_gets_a_gradient(
     def loss(m, x):
         return sum(jnp.sum(jnp.sin(v)) for v in heads(m(x)).values())
 
+    def jaxpr(m):   # of the gradient: a remat shows up as `remat2` (jax.checkpoint)
+        graph, state = nnx.split(m)
+        return str(jax.make_jaxpr(lambda s: nnx.value_and_grad(loss)(nnx.merge(graph, s), x))(state))
+
     with config.use_conv_lowering("xla"):
         plain = nnx.jit(nnx.value_and_grad(loss))(nnx.clone(m), x)
+        assert "remat" not in jaxpr(m)
         m.set_grad_checkpointing(True)
+        assert "remat" in jaxpr(m)
         remat = nnx.jit(nnx.value_and_grad(loss))(nnx.clone(m), x)
     np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
     flat_p = nnx.to_flat_state(plain[1])
@@ -161,7 +175,7 @@ def test_batch_zero_forward_and_backward(model):
         for k, v in outs.items():
             assert v.shape == (0, NUM_CLASSES), (name, train, k, v.shape)
         assert all(not np.any(np.asarray(v)) for v in jax.tree.leaves(grads)), name
-        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(before)):
+        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(before), strict=True):
             np.testing.assert_array_equal(a, b)
 
 

@@ -8,6 +8,7 @@ import torch_ref.blocks as tblocks
 from jaxconv.convert import ConversionError, from_torch, load_checkpoint, load_weights, save_weights, to_torch
 from jaxconv.convert.__main__ import main as convert_main
 from jaxconv.nn import blocks
+from tests.helpers import randomise_torch_bn
 
 
 def _pair():
@@ -49,6 +50,11 @@ def test_truncated_and_missing_files_raise(tmp_path):
         load_checkpoint(tmp_path / "cut.pth")
     with pytest.raises(ConversionError, match=r"path: no checkpoint file at .*nothere.pth"):
         load_checkpoint(tmp_path / "nothere.pth")
+    # torch's legacy format, cut inside its last storage: the bytes past the end are not read
+    torch.save(tmod.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy_cut.pth").write_bytes((tmp_path / "legacy.pth").read_bytes()[:-10])
+    with pytest.raises(ConversionError, match=r"legacy_cut.pth' is truncated \(storage"):
+        load_checkpoint(tmp_path / "legacy_cut.pth")
 
 
 def test_wrong_model_reports_every_key_and_leaves_model_untouched():
@@ -95,9 +101,20 @@ def test_convert_cli_round_trip_is_lossless(tmp_path):
     """torch .pth -> jaxconv .safetensors -> torch .pth through the CLI, bit for bit."""
     import torch_ref
     tmodel = torch_ref.create_model("mobilenet_v1", num_classes=10)
+    randomise_torch_bn(tmodel)
     torch.save({"state_dict": tmodel.state_dict()}, tmp_path / "src.pth")
     assert convert_main(["mobilenet_v1", str(tmp_path / "src.pth"), str(tmp_path / "jax.safetensors"),
                          "--num-classes", "10"]) == 0
+    from safetensors.numpy import load_file
+    mid = load_file(tmp_path / "jax.safetensors")   # jaxconv's layout: HWIO, (in, out), names
+    assert "conv_stem.weight" not in mid and "classifier.weight" not in mid
+    np.testing.assert_array_equal(mid["conv_stem.kernel"],
+                                  tmodel.conv_stem.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(mid["classifier.kernel"],
+                                  tmodel.classifier.weight.detach().numpy().T)
+    for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+                         ("var", "running_var")):
+        np.testing.assert_array_equal(mid[f"bn1.{ours}"], getattr(tmodel.bn1, theirs).detach().numpy())
     assert convert_main(["mobilenet_v1", str(tmp_path / "jax.safetensors"), str(tmp_path / "back.pth"),
                          "--to-torch", "--num-classes", "10"]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)

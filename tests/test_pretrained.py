@@ -46,15 +46,19 @@ def test_pth_reader_equals_torch_load_bit_for_bit(tmp_path, name):
             assert ours[k].dtype == v.numpy().dtype and np.array_equal(ours[k], v.numpy()), k
 
 
-def test_pth_reader_dtypes_views_parameters_and_wrappers(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pth_reader_dtypes_views_parameters_and_wrappers(tmp_path, legacy):
+    base = torch.randn(20)   # tensors that share one storage, at offsets into it
     sd = {"bf16": torch.randn(3, 4).bfloat16(), "view": torch.randn(5, 3).t(),
           "param": torch.nn.Parameter(torch.randn(2)), "scalar": torch.tensor(7),
-          "half": torch.randn(2, 2).half()}
-    torch.save({"model_state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt")
+          "half": torch.randn(2, 2).half(), "head": base[:4], "offset": base[6:12].view(2, 3),
+          "offset_t": base[8:14].view(2, 3).t(), "offset_scalar": base[17]}
+    torch.save({"model_state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pt",
+               _use_new_zipfile_serialization=not legacy)
     got = pth.load(tmp_path / "ckpt.pt")["model_state_dict"]
     for k, v in sd.items():
         want = v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-        assert np.array_equal(np.asarray(got[k], want.dtype), want), k
+        assert got[k].shape == want.shape and np.array_equal(np.asarray(got[k], want.dtype), want), k
     assert got["bf16"].dtype.name == "bfloat16"
 
 
@@ -82,15 +86,24 @@ def test_wrappers_and_layouts(tmp_path):
     for wrapper in ("model_state_dict", "state_dict_ema"):
         torch.save({wrapper: sd, "epoch": 1}, tmp_path / f"{wrapper}.pth")
         assert set(load_checkpoint(tmp_path / f"{wrapper}.pth")) == set(sd)
+    from jaxconv.convert import save_weights, to_torch
+
+    def same_as_sd(model):
+        got = to_torch(model)
+        assert set(got) == {k for k in sd if not k.endswith("num_batches_tracked")}
+        for k, v in got.items():
+            np.testing.assert_array_equal(v, sd[k].numpy(), err_msg=k)
+
     m = create_model(SMALL, pretrained=str(tmp_path / "state_dict_ema.pth"))
     assert m.num_classes == 10
-    from jaxconv.convert import save_weights
+    same_as_sd(m)
     save_weights(m, tmp_path / "jax.safetensors")
     with pytest.raises(ConversionError, match="is a jaxconv-layout file .* use load_weights|load it with"):
         load_checkpoint(tmp_path / "jax.safetensors")
-    fresh = create_model(SMALL, num_classes=10, rngs=None)
-    load_weights(fresh, tmp_path / "jax.safetensors")
-    load_weights(fresh, tmp_path / "model_state_dict.pth")
+    for source in ("jax.safetensors", "model_state_dict.pth"):
+        fresh = create_model(SMALL, num_classes=10, rngs=None)
+        load_weights(fresh, tmp_path / source)
+        same_as_sd(fresh)
 
 
 # ----------------------------------------------------------------- the loopback server
@@ -303,4 +316,18 @@ def test_predict_cli(tmp_path, capsys):
     assert rows[0]["image"] == photo and len(rows[0]["top"]) == 5
     assert all(r["name"] == imagenet_classes()[r["class"]] for r in rows[0]["top"])
     assert abs(sum(r["probability"] for r in rows[0]["top"])) <= 1 + 1e-6
+    # the five most probable classes, most probable first: softmax of the model's logits here
+    from PIL import Image
+
+    from jaxconv.models.transforms import EvalTransform
+    model = create_model(SMALL, pretrained=str(tmp_path / "w.pth"))
+    model.eval()
+    size = spec(SMALL).input_size
+    logits = np.asarray(model(EvalTransform(round(size * 256 / 224), size)(
+        [Image.open(photo)]))[0], np.float64)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    want = np.argsort(-p)[:5]
+    assert [r["class"] for r in rows[0]["top"]] == want.tolist()
+    np.testing.assert_allclose([r["probability"] for r in rows[0]["top"]], p[want], rtol=1e-5)
     assert predict_main([photo, "--model", "nope"]) == 2

@@ -1,5 +1,6 @@
 """python -m jaxconv.verify: exit status 0 on agreement, non-zero on any failure."""
 import torch
+from flax import nnx
 
 import torch_ref
 from jaxconv.verify.__main__ import main
@@ -27,3 +28,28 @@ def test_wrong_checkpoint_and_unknown_model_fail(tmp_path, capsys):
     assert "classifier.weight" in capsys.readouterr().err
     assert main(["--model", "resnet50"]) == 1
     assert "unknown model 'resnet50'" in capsys.readouterr().err
+
+
+def test_wrong_numbers_fail(monkeypatch, capsys):
+    """The CLI fails on numbers, not only on exceptions: conv2d 0.1% off fails every float32
+    conv2d case with an output (and nothing else); a jaxconv model with one BatchNorm's eps at
+    1e-3 instead of torch's 1e-5 fails --model."""
+    from jaxconv import nn, ops
+    from jaxconv.models import registry
+    conv2d = ops.conv2d
+    monkeypatch.setattr(ops, "conv2d", lambda *a, **k: conv2d(*a, **k) * 1.001)
+    assert main(["--ops"]) == 1
+    out = capsys.readouterr().out
+    wrong = sum(c.op == "conv2d" and c.dtype == "float32" and c.x[0] > 0 for c in CASES)
+    assert wrong >= 10 and f"{len(CASES) - wrong} passed, {wrong} failed" in out
+    monkeypatch.setattr(ops, "conv2d", conv2d)
+
+    create_model = registry.create_model
+
+    def off_by_eps(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        next(m for _, m in nnx.iter_modules(model) if isinstance(m, nn.BatchNorm2d)).eps = 1e-3
+        return model
+    monkeypatch.setattr(registry, "create_model", off_by_eps)
+    assert main(["--model", "mobilenet_v1", "--size", "64", "--batch", "2"]) == 1
+    assert "FAIL" in capsys.readouterr().out
