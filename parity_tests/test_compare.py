@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -100,6 +101,23 @@ def test_vanished_signals_are_not_tested_and_bounds_scale_with_the_output():
     report = compare(tmod, jmod, rand((3, 4)))
     assert [r.status for r in report.layers] == ["not tested", "pass"], str(report)
     assert report.layers[1].bound >= 0.99e-4 * 1e12 and report.passed
+
+
+def test_a_port_far_from_a_vanished_reference_fails():
+    """A reference of zeros tests no relative error, but a port that outputs 5 there is wrong."""
+    tmod = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        for layer in tmod:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    jmod = nn.Sequential(nn.Linear(4, 4, rngs=_rngs()), nn.Linear(4, 4, rngs=_rngs()))
+    jmod[0].kernel[...] = jnp.zeros((4, 4))
+    jmod[0].bias[...] = jnp.full((4,), 5.0)
+    jmod[1].kernel[...] = jnp.zeros((4, 4))
+    jmod[1].bias[...] = jnp.zeros((4,))
+    report = compare(tmod, jmod, rand((3, 4)), load_weights=False)
+    assert [r.status for r in report.layers] == ["FAIL", "not tested"], str(report)
+    assert report.first_failure == "0" and not report.passed
 
 
 def _rngs():
