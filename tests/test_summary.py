@@ -17,6 +17,25 @@ def test_published_totals(name, kwargs, params, gmacs):
     assert round(total_macs / 1e9, 2) == gmacs
 
 
+def test_rows_by_hand():
+    """Each leaf layer's row, counted by hand: a strided conv (MACs per output position), a
+    transposed conv (per input position) and a linear layer."""
+    class Net(nnx.Module):
+        def __init__(self, r):
+            self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, rngs=r)
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2, rngs=r)
+            self.fc = nn.Linear(4, 5, rngs=r)
+
+        def __call__(self, x):
+            return self.fc(self.up(self.conv(x)).mean((1, 2)))
+
+    rows, params, macs = summarize(Net(nnx.Rngs(0)), 16)
+    assert rows == [("conv", "Conv2d", (8, 8, 8), 3 * 3 * 3 * 8 + 8, 8 * 8 * 3 * 3 * 3 * 8),
+                    ("up", "ConvTranspose2d", (16, 16, 4), 2 * 2 * 8 * 4 + 4, 8 * 8 * 2 * 2 * 8 * 4),
+                    ("fc", "Linear", (5,), 4 * 5 + 5, 4 * 5)]
+    assert params == 224 + 132 + 25 and macs == 13824 + 8192 + 20
+
+
 def test_separable_conv_costs_one_over_out_plus_one_over_k_squared():
     """The papers' cost argument on a layer: depthwise separable / standard = 1/C_out + 1/k^2."""
     class Wrap(nnx.Module):

@@ -245,6 +245,57 @@ def test_optimizer_schedule_and_weight_decay_mask():
         decayed = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
         assert decayed == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False},
                            "fc": {"kernel": True, "bias": False}}, (opt, decayed)
+        # zero gradients: the second update is the decay alone, through momentum (SGD's trace
+        # wd*p, then wd*p*(1+m); Nesterov adds m*trace once more; AdamW decays outside Adam),
+        # scaled by the schedule's lr at step 1
+        m, wd = cfg.momentum, cfg.weight_decay
+        factor = {"sgd": 1 + m * (1 + m) if nesterov else 1 + m, "adamw": 1.0}[opt]
+        assert wd > 0 and float(schedule(1)) == pytest.approx(peak / 20)
+        np.testing.assert_allclose(updates["conv"]["kernel"],
+                                   -float(schedule(1)) * wd * factor * params["conv"]["kernel"],
+                                   rtol=1e-5, err_msg=f"{opt} nesterov={nesterov}")
+
+
+def test_eval_step_counts_top1_top5_and_skips_padding():
+    """make_eval_step on fixed logits: labels ranked 1st, 3rd and 6th of 10, and a padded 1st
+    (mask 0): top-1 1, top-5 2, count 3, the summed cross-entropy of the three."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train.trainer import make_eval_step
+
+    class Fixed(nnx.Module):
+        def __init__(self, logits):
+            self.logits = nnx.Param(jnp.asarray(logits))
+
+        def __call__(self, x):
+            return self.logits[...]
+
+    logits = np.tile(np.arange(10, 0, -1, dtype=np.float32), (4, 1))   # class 0 ranks 1st
+    labels = np.array([0, 2, 5, 0])
+    mask = np.array([1, 1, 1, 0])
+    graphdef, params, stats, rest = nnx.split(Fixed(logits), nnx.Param, nnx.BatchStat, ...)
+    out = make_eval_step(graphdef, rest, 10)({"params": params, "batch_stats": stats},
+                                             {"image": jnp.zeros((4, 1)), "label": labels,
+                                              "mask": mask})
+    log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+    assert (float(out["top1"]), float(out["top5"]), float(out["count"])) == (1, 2, 3)
+    np.testing.assert_allclose(out["loss"], -sum(log_p[i, labels[i]] for i in range(3)), rtol=1e-6)
+
+
+def test_label_smoothing_is_applied():
+    """The training loss with smoothing e: cross-entropy against (1 - e) one-hot + e / K."""
+    import jax.numpy as jnp
+
+    from train.trainer import _cross_entropy
+    logits = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    labels = np.array([1, 6, 0])
+    log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+    target = 0.9 * np.eye(7)[labels] + 0.1 / 7
+    np.testing.assert_allclose(_cross_entropy(jnp.asarray(logits), labels, 7, 0.1),
+                               -np.sum(target * log_p, -1), rtol=1e-5)
+    np.testing.assert_allclose(_cross_entropy(jnp.asarray(logits), labels, 7, 0.0),
+                               -log_p[np.arange(3), labels], rtol=1e-5)
 
 
 # ------------------------------------------------------------------- train_and_evaluate
@@ -330,6 +381,35 @@ def test_every_registered_model_has_a_train_and_eval_step(name, dtype):
     assert cfg.aux_weight == expected_aux
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_real_train_step_updates_the_state_and_computes_in_dtype(dtype):
+    """One compiled train step of a tiny ResNeXt: every BatchNorm running statistic and every
+    parameter moves, they stay float32, and the activations are bfloat16 exactly when asked."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train.trainer import create_optimizer, make_train_step
+    cfg = Config(model="resnext_tiny", image_size=32, batch_size=4, dtype=dtype,
+                 warmup_epochs=0.0).resolved()
+    model = create_model(cfg, 10)
+    model.train()
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    tx, schedule = create_optimizer(cfg, 100, 10)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+             "opt_state": tx.init(params)}
+    batch = {"image": jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)),
+                                  jnp.float32), "label": jnp.asarray([1, 2, 3, 4])}
+    step = make_train_step(graphdef, rest, tx, schedule, cfg, 10)
+    assert ("bf16[" in str(jax.make_jaxpr(step)(state, batch))) == (dtype == "bfloat16")
+    new, metrics = jax.jit(step)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(new["step"]) == 1
+    for what in ("batch_stats", "params"):
+        old_leaves, new_leaves = jax.tree.leaves(state[what]), jax.tree.leaves(new[what])
+        assert len(old_leaves) == len(new_leaves) > 0
+        for a, b in zip(old_leaves, new_leaves):
+            assert b.dtype == jnp.float32 and np.any(np.asarray(a) != np.asarray(b)), what
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_resnext50_on_mocked_imagenet(tmp_path):
     # batch 4: at 32 px layer4 is 1x1, and BatchNorm over fewer values blows the gradients up
@@ -400,6 +480,10 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     r = _run_cli(_flags(**cfg, workdir=split))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {os.path.join(split, 'checkpoints')}/{n} (step {n}/{2 * n})" in r.stdout
+    # it went on from step n: n steps this run, step 1 logged once (by the killed run)
+    assert f"this run {n} steps" in r.stdout
+    steps = [rec["step"] for rec in _metrics(split)]
+    assert steps.count(1) == 1 and steps[-n:] == list(range(n + 1, 2 * n + 1)), steps
     assert set(os.listdir(os.path.join(split, "checkpoints"))) == {str(n), str(2 * n)}
     a, b = _final_state(whole), _final_state(split)
     assert int(a["step"]) == int(b["step"]) == 2 * n
