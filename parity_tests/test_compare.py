@@ -120,6 +120,32 @@ def test_a_port_far_from_a_vanished_reference_fails():
     assert report.first_failure == "0" and not report.passed
 
 
+def test_a_port_that_leaves_out_an_output_fails():
+    """torch returns (logits, aux); a port returning the logits alone fails, however close."""
+    from flax import nnx
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, 2 * y
+
+    class OneHead(nnx.Module):
+        def __init__(self):
+            self.fc = nn.Linear(4, 3, rngs=_rngs())
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    report = compare(TwoHeads(), OneHead(), rand((3, 4)))
+    assert [r.status for r in report.layers] == ["pass"], str(report)
+    assert not report.passed and any(r.failed and "2 arrays in torch, 1 in the port" in r.path
+                                     for r in report.outputs), str(report)
+
+
 def _rngs():
     from flax import nnx
     return nnx.Rngs(0)
