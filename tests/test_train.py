@@ -256,6 +256,10 @@ def test_optimizer_schedule_and_weight_decay_mask():
                                    rtol=1e-5, err_msg=f"{opt} nesterov={nesterov}")
 
 
+def _log_softmax(logits):
+    return logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+
+
 def test_eval_step_counts_top1_top5_and_skips_padding():
     """make_eval_step on fixed logits: labels ranked 1st, 3rd and 6th of 10, and a padded 1st
     (mask 0): top-1 1, top-5 2, count 3, the summed cross-entropy of the three."""
@@ -278,7 +282,7 @@ def test_eval_step_counts_top1_top5_and_skips_padding():
     out = make_eval_step(graphdef, rest, 10)({"params": params, "batch_stats": stats},
                                              {"image": jnp.zeros((4, 1)), "label": labels,
                                               "mask": mask})
-    log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+    log_p = _log_softmax(logits)
     assert (float(out["top1"]), float(out["top5"]), float(out["count"])) == (1, 2, 3)
     np.testing.assert_allclose(out["loss"], -sum(log_p[i, labels[i]] for i in range(3)), rtol=1e-6)
 
@@ -290,7 +294,7 @@ def test_label_smoothing_is_applied():
     from train.trainer import _cross_entropy
     logits = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
     labels = np.array([1, 6, 0])
-    log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+    log_p = _log_softmax(logits)
     target = 0.9 * np.eye(7)[labels] + 0.1 / 7
     np.testing.assert_allclose(_cross_entropy(jnp.asarray(logits), labels, 7, 0.1),
                                -np.sum(target * log_p, -1), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""The part every formula-backed primitive of jaxconv.ops shares (ops.norm, ops.pool)."""
+"""What jaxconv.ops's primitives share: the formula-backed ones (ops.norm, ops.pool), conv_p."""
 from __future__ import annotations
 
 import functools
@@ -20,8 +20,14 @@ def formula_primitive(name: str, formula, multiple_results: bool = False) -> Pri
         out = jax.eval_shape(functools.partial(formula, **params), *avals)
         return jax.tree.map(lambda o: jax.core.ShapedArray(o.shape, o.dtype), out)
 
-    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
     p.def_abstract_eval(abstract)
-    p.def_impl(lambda *args, **params: compiled(**params)(*args))
+    def_jitted_impl(p)
     mlir.register_lowering(p, mlir.lower_fun(formula, multiple_results=multiple_results))
     return p
+
+
+def def_jitted_impl(p: Primitive) -> None:
+    """Eager evaluation of `p` as its own jitted bind, compiled once per parameter set (so that
+    eager calls lower like traced ones: the CPU engines are lowerings, not Python)."""
+    compiled = functools.cache(lambda **params: jax.jit(functools.partial(p.bind, **params)))
+    p.def_impl(lambda *args, **params: compiled(**params)(*args))

@@ -32,6 +32,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxconv.ops import native, policy
+from jaxconv.ops._formula import def_jitted_impl
 
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -84,13 +85,7 @@ def _abstract_eval(a, b, *, op, geo, in_hw, lowering, precision):
 conv_p.def_abstract_eval(_abstract_eval)
 
 
-@functools.cache
-def _compiled(op, geo, in_hw, lowering, precision):
-    return jax.jit(functools.partial(conv_p.bind, op=op, geo=geo, in_hw=in_hw, lowering=lowering,
-                                     precision=precision))
-
-
-conv_p.def_impl(lambda a, b, **params: _compiled(**params)(a, b))
+def_jitted_impl(conv_p)
 
 
 # ----------------------------------------------------------------------------- lax reference

@@ -212,10 +212,10 @@ def _row(path, kind, ours, ref, ref64, atol, float64) -> Row:
     return Row(path, kind, tuple(ours.shape), err, err / max(scale, 1e-300), bound, status)
 
 
-def _count_mismatch(path, kind, torch_leaves, port_leaves) -> Row:
+def _count_mismatch(path, kind, n_torch: int, n_port: int) -> Row:
     """A failed row: the port returns another number of arrays than torch (a head left out)."""
-    return Row(f"{path} ({len(torch_leaves)} arrays in torch, {len(port_leaves)} in the port)",
-               kind, (len(port_leaves),), float("nan"), float("nan"), 0.0, "shape mismatch")
+    return Row(f"{path} ({n_torch} arrays in torch, {n_port} in the port)", kind, (n_port,),
+               float("nan"), float("nan"), 0.0, "shape mismatch")
 
 
 def _inputs(inputs, dtype):
@@ -287,7 +287,8 @@ def _compare(torch_module, nnx_module, inputs, load_weights, train, grads, atol,
             tl, jl = _leaves(to), _leaves(jo)
             t64l = _leaves(t64_rec[path][call]) if path in t64_rec else [None] * len(tl)
             if len(jl) != len(tl):
-                layers.append(_count_mismatch(path, type(_module(tmod, path)).__name__, tl, jl))
+                layers.append(_count_mismatch(path, type(_module(tmod, path)).__name__, len(tl),
+                                              len(jl)))
             for i, (a, b, b64) in enumerate(zip(jl, tl, t64l)):
                 name = path + (f"[{call}]" if len(t_rec[path]) > 1 else "") + \
                     (f"#{i}" if len(tl) > 1 else "")
@@ -301,7 +302,7 @@ def _compare(torch_module, nnx_module, inputs, load_weights, train, grads, atol,
     t_leaves, j_leaves = _leaves(t_out), _leaves(j_out)
     t64_leaves = _leaves(t64_out) if t64_out is not None else [None] * len(t_leaves)
     if len(j_leaves) != len(t_leaves):
-        outputs.append(_count_mismatch("output", "output", t_leaves, j_leaves))
+        outputs.append(_count_mismatch("output", "output", len(t_leaves), len(j_leaves)))
     for i, (a, b, b64) in enumerate(zip(j_leaves, t_leaves, t64_leaves)):
         outputs.append(_row(f"output#{i}" if len(t_leaves) > 1 else "output", "output", np.asarray(a),
                             _nhwc(_to_numpy(b)), None if b64 is None else _nhwc(_to_numpy(b64)),
