@@ -20,8 +20,9 @@ each slowed the other: torch's tensors took the heap memory XLA:CPU frees betwee
 (jaxconv's next train step faulted up to 70k pages in anew), and torch ran up to 2x slower after
 jaxconv's calls (MobileNet-v1 inference 71 vs 35 ms; BENCHMARKS.md, "Whole models").
 
---bn-fold: what folding eval BatchNorms into the convs could save at most: each model's
-inference with every BatchNorm2d replaced by the identity, against the same model with them.
+--bn-fold: what folding eval BatchNorms (and ReLUs, as oneDNN post-ops) into the convs could
+save at most: each model's inference with every BatchNorm2d, then also every ReLU, replaced by
+the identity, against the same model as is (one process, interleaved).
 
 Every number is a wall time over `repeats` runs after warm-up runs (one for layers; for
 models `--model-warmup`, the compiling call among them: a jaxconv train step's first few calls
@@ -376,29 +377,37 @@ def bench_bn_fold(args):
     from jaxconv.models import create_model, input_size, list_models
     from jaxconv.nn import BatchNorm2d
 
-    print("| model, batch x size | with BatchNorm ms (min / med) | BatchNorm as identity ms | "
-          "saving (medians) |")
-    print("|---|---|---|---|")
+    print("| model, batch x size | as is ms (min / med) | BatchNorm as identity ms | saving "
+          "(medians) | BatchNorm and ReLU as identity ms | saving (medians) |")
+    print("|---|---|---|---|---|---|")
     for name in args.names or list_models():
         size = input_size(name)
         model = create_model(name)
         model.eval()
         x = jnp.asarray(np.random.default_rng(0).standard_normal((args.model_batch, size, size, 3)),
                         jnp.float32)
-        with_bn = nnx.jit(lambda m, x: m(x))
-        with_bn(model, x).block_until_ready()
-        original = BatchNorm2d.__call__
-        BatchNorm2d.__call__ = lambda self, x: x    # traced now: the identity for this function
-        try:
-            without = nnx.jit(lambda m, x: m(x))
-            without(model, x).block_until_ready()
-        finally:
-            BatchNorm2d.__call__ = original
-        res = _interleaved({"bn": lambda: jax.block_until_ready(with_bn(model, x)),
-                            "id": lambda: jax.block_until_ready(without(model, x))},
-                           args.model_repeats)
-        print(f"| {name}, {args.model_batch} x {size} | {_fmt(res['bn'])} | {_fmt(res['id'])} | "
-              f"{100 * (1 - res['id'][1] / res['bn'][1]):.1f}% |", flush=True)
+        graphdef, state = nnx.split(model)
+
+        def compiled(identity_bn, identity_relu):
+            """The model's inference traced now with BatchNorm / ReLU patched to the identity."""
+            bn_call, relu = BatchNorm2d.__call__, jax.nn.relu
+            if identity_bn:
+                BatchNorm2d.__call__ = lambda self, x: x
+            if identity_relu:
+                jax.nn.relu = lambda x: x
+            try:
+                return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
+            finally:
+                BatchNorm2d.__call__, jax.nn.relu = bn_call, relu
+
+        fns = {k: compiled(*k) for k in ((False, False), (True, False), (True, True))}
+        res = _interleaved({k: (lambda c=c: jax.block_until_ready(c(state, x)))
+                            for k, c in fns.items()}, args.model_repeats, args.model_warmup)
+        base = res[(False, False)]
+        cells = [f"{_fmt(res[k])} | {100 * (1 - res[k][1] / base[1]):.1f}%"
+                 for k in ((True, False), (True, True))]
+        print(f"| {name}, {args.model_batch} x {size} | {_fmt(base)} | " + " | ".join(cells) + " |",
+              flush=True)
 
 
 def main(argv=None):
@@ -407,7 +416,7 @@ def main(argv=None):
     p.add_argument("--layers", action="store_true", help="per-layer benchmarks")
     p.add_argument("--models", action="store_true", help="whole-model benchmarks")
     p.add_argument("--bn-fold", action="store_true",
-                   help="inference with BatchNorms as the identity: what folding could save")
+                   help="inference with BatchNorm (and ReLU) as the identity: what folding could save")
     p.add_argument("--names", default="", help="comma-separated model names (default: all)")
     p.add_argument("--kinds", default="", help="layer kinds: pointwise, depthwise, grouped, dense")
     p.add_argument("--engines", default="auto", help="comma-separated conv_lowering values")
