@@ -63,8 +63,8 @@ TRAIN_KWARGS = {"inception_v3": {"aux_logits": False}}
 # models are traced with lax's convolutions ("xla", the reference lowering), the train step runs
 # again under the default lowering (the CPU kernel, 1x1 convs as matrix products) for the models
 # with grouped / depthwise convs (resnext50 and mobilenet_v1 by default, xception under -m slow),
-# and the eval tests of the others run the default lowering. The lowering's formulations have
-# their own parity tests (parity_tests/test_grouped.py).
+# and the eval tests of the others run the default lowering. The engines have their own parity
+# tests (parity_tests/test_lowering.py).
 FAST_LOWERING = "xla"
 # The models with grouped or depthwise convs, whose train step also runs with the default
 # lowering (the slow ones under -m slow).
@@ -186,10 +186,11 @@ def _train_forward(model, x):
     return heads(model(x))
 
 
-@nnx.jit
 def _train_step(model, x, cot):
     """Outputs of a train-mode forward, and the gradients of sum(output * cot) w.r.t. every
-    parameter and the input; `model`'s BN running statistics are updated as in torch."""
+    parameter and the input; `model`'s BN running statistics are updated as in torch. Jitted
+    afresh per check: the lowering is read when tracing, and nnx.jit would reuse the trace of
+    another lowering for a model of the same structure."""
     def loss_fn(model, x):
         outs = heads(model(x))
         return sum(jnp.vdot(outs[k], cot[k]) for k in cot), outs
@@ -270,9 +271,12 @@ def _check_train_step_fp64(name, tm, kwargs, hw, record=lambda k, v: None,
     rng = np.random.default_rng(4)
     cot = {k: rng.standard_normal(tuple(v.shape)) for k, v in t_outs.items()}
     sum((v * torch.from_numpy(cot[k])).sum() for k, v in t_outs.items()).backward()
+    step = nnx.jit(_train_step)
     with jax.enable_x64(True), config.use_grouped_lowering(lowering):
-        outs, grads, gx = _train_step(jm, jnp.asarray(x),
-                                      {k: jnp.asarray(v) for k, v in cot.items()})
+        args = (jm, jnp.asarray(x), {k: jnp.asarray(v) for k, v in cot.items()})
+        if lowering == "auto":   # float64 grouped / depthwise convs: jaxconv's kernel
+            assert "@jaxconv_grouped_conv" in step.lower(*args).as_text(), name
+        outs, grads, gx = step(*args)
         outs = {k: np.asarray(v) for k, v in outs.items()}
         g_model = nnx.clone(jm)
         nnx.update(g_model, grads)
@@ -365,9 +369,9 @@ def test_train_step_grads_and_bn_stats_fp64(pair, record_property):
 
 @pytest.mark.parametrize("pair", _models(slow=GROUPED_SLOW, only=GROUPED), indirect=True)
 def test_train_step_fp64_with_the_default_grouped_lowering(pair, record_property):
-    """The float64 train step again, traced with the library's default lowering of grouped and
-    depthwise convs (jaxconv.ops.grouped's CPU formulations and their custom VJP) for the models
-    that have them."""
+    """The float64 train step again, traced with the library's default lowering ('auto': in
+    float64, jaxconv's kernel for grouped and depthwise convs, matrix products for 1x1 convs)
+    for the models that have grouped or depthwise convs."""
     name, tm, jm = pair
     assert config.grouped_lowering == "auto"
     _check_train_step_fp64(name, tm, TRAIN_KWARGS.get(name, {}), _check_hw(jm, 32),
