@@ -108,8 +108,9 @@ def _as_float64(tm: torch.nn.Module) -> torch.nn.Module:
 def _torch_model(name: str) -> torch.nn.Module:
     """torch_ref model in eval mode with a well-conditioned random checkpoint: BN affines random
     (weight U(0.5, 1.5), bias N(0, 0.2)), every Linear at torch's default scale (inception_v3's
-    std-0.1 init would give logits of ~100); running statistics are set per input by
-    _calibrate."""
+    std-0.1 init would give logits of ~100), the deformable convs' offset convs random (weight
+    N(0, 0.02), bias N(0, 0.5): fractional offsets and masks other than 0.5); running statistics
+    are set per input by _calibrate."""
     torch.manual_seed(0)
     model = torch_ref.create_model(name).eval()
     g = torch.Generator().manual_seed(0)
@@ -122,6 +123,10 @@ def _torch_model(name: str) -> torch.nn.Module:
                 bound = m.in_features ** -0.5
                 m.weight.uniform_(-bound, bound, generator=g)
                 m.bias.uniform_(-bound, bound, generator=g)
+        for name_, m in model.named_modules():
+            if name_.endswith("conv_offset"):   # zero-initialised: offsets 0, masks 0.5
+                m.weight.normal_(0.0, 0.02, generator=g)
+                m.bias.normal_(0.0, 0.5, generator=g)
     return model
 
 
