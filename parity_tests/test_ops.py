@@ -9,12 +9,28 @@ import pytest
 
 from jaxconv import ops
 from jaxconv.ops import native
-from jaxconv.verify.ops import CASES, run_case
+from jaxconv.verify.ops import CASES, OpCase, run_case
 from parity_tests.tolerances import OP_FP32
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_op_matches_torch(case):
+    r = run_case(case)
+    assert r.passed, f"{case.id}: forward max abs error {r.forward:.3g}, gradients {r.grads}"
+
+
+# Branches the grid (whose size the verify CLI pins) leaves out: an output_padding of a stride
+# or more (allowed where dilation > stride), and adaptive pooling to an output size that
+# divides the input unevenly in neither dimension but 1x1 (the reshape-mean path).
+EXTRA_CASES = [
+    OpCase("conv_transpose2d", (3, 5, 4, 4), dict(stride=(1, 2), dilation=(2, 1),
+                                                  output_padding=(1, 0)), (4, 6, 3, 3), bias=True),
+    OpCase("adaptive_avg_pool2d", (2, 8, 9, 4), dict(output_size=(4, 3))),
+]
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES, ids=[c.id for c in EXTRA_CASES])
+def test_op_branches_outside_the_grid_match_torch(case):
     r = run_case(case)
     assert r.passed, f"{case.id}: forward max abs error {r.forward:.3g}, gradients {r.grads}"
 

@@ -1,4 +1,6 @@
 """python -m jaxconv.verify: exit status 0 on agreement, non-zero on any failure."""
+import jax
+import pytest
 import torch
 from flax import nnx
 
@@ -28,6 +30,28 @@ def test_wrong_checkpoint_and_unknown_model_fail(tmp_path, capsys):
     assert "classifier.weight" in capsys.readouterr().err
     assert main(["--model", "resnet50"]) == 1
     assert "unknown model 'resnet50'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrt", [0, 1, 2], ids=["x", "weight", "bias"])
+def test_wrong_gradients_fail(monkeypatch, wrt):
+    """An op whose forward is exact but one of whose gradients is 0.1% off fails every float32
+    conv2d case that has that gradient: the verdict covers each gradient, not only the output."""
+    from jaxconv import ops
+    from jaxconv.verify.ops import run_case
+    conv2d = ops.conv2d
+
+    def off(*args, **kwargs):
+        args = list(args)
+        if wrt < len(args):   # value unchanged, its cotangent scaled by 1.001
+            args[wrt] = args[wrt] + 1e-3 * (args[wrt] - jax.lax.stop_gradient(args[wrt]))
+        return conv2d(*args, **kwargs)
+    monkeypatch.setattr(ops, "conv2d", off)
+    cases = [c for c in CASES if c.op == "conv2d" and c.dtype == "float32" and c.x[0] > 0
+             and (wrt < 2 or c.bias)]
+    assert len(cases) >= 5
+    for case in cases:
+        result = run_case(case)
+        assert not result.passed and result.forward == 0.0, (case, result)
 
 
 def test_wrong_numbers_fail(monkeypatch, capsys):
