@@ -63,6 +63,24 @@ def exported_mlir(fn, *args, platform: str = "cpu") -> str:
                              disabled_checks=lowering.EXPORT_CHECKS)(*args).mlir_module()
 
 
+def operand_dtypes(closed_jaxpr, primitives) -> set:
+    """{(primitive name, operand dtypes)} over every equation of `closed_jaxpr` (nested jaxprs
+    included) whose primitive is named in `primitives`: which precision the convolutions and
+    matrix products of a traced function compute in."""
+    found, todo = set(), [closed_jaxpr.jaxpr]
+    while todo:
+        for eqn in todo.pop().eqns:
+            if eqn.primitive.name in primitives:
+                found.add((eqn.primitive.name, tuple(str(v.aval.dtype) for v in eqn.invars)))
+            for p in jax.tree.leaves(eqn.params, is_leaf=lambda v: hasattr(v, "eqns")
+                                     or hasattr(v, "jaxpr")):
+                if hasattr(p, "eqns"):
+                    todo.append(p)
+                elif hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                    todo.append(p.jaxpr)
+    return found
+
+
 def heads(out) -> dict:
     """A model's output as {head name: array}: a dict of heads as is, plain logits as 'logits'."""
     return dict(out) if isinstance(out, dict) else {"logits": out}
