@@ -325,6 +325,7 @@ def test_feature_maps_names_channels_sizes(name):
         assert feats[fname].shape == (1, chs, *hw), fname
     # feature_info documents the same names and channels, and strides that fit the sizes
     assert [(n, c) for n, (c, _) in model.feature_info.items()] == [(n, c) for n, c, _ in want]
+    assert [s for _, s in model.feature_info.values()] == [2, 4, 8, 16, 32]
     for fname, (_, stride) in model.feature_info.items():
         h, w = feats[fname].shape[2:]
         for got, size in ((h, x.shape[2]), (w, x.shape[3])):
@@ -376,12 +377,15 @@ def test_init_schemes():
     assert abs(inc.AuxLogits.fc.weight.std().item() - 0.001) < 2e-4
     mob = _model("mobilenet_v1")
     assert abs(mob.blocks[3][0].conv_dw.weight.std().item() - math.sqrt(2 / 9)) < 0.03
-    assert mob.classifier.weight.abs().max() <= 1 / math.sqrt(NUM_CLASSES)
+    assert 0.9 / math.sqrt(NUM_CLASSES) < mob.classifier.weight.abs().max() <= 1 / math.sqrt(NUM_CLASSES)
     assert (mob.classifier.bias == 0).all()
     r = _model("resnext50_32x4d")
     w = r.layer3[0].conv2.weight                                 # fan_out = 512 * 9
     assert abs(w.std().item() - math.sqrt(2 / (w.shape[0] * 9))) < 2e-3
-    for m in (g, inc, mob, r, _model("xception")):
+    x = _model("xception")
+    w = x.conv4.pointwise.weight                                 # fan_out = 2048 * 1 * 1
+    assert abs(w.std().item() / math.sqrt(2 / w.shape[0]) - 1) < 0.02
+    for m in (g, inc, mob, r, x):
         for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
             assert (bn.weight == 1).all() and (bn.bias == 0).all()
     eps = {"googlenet": 1e-3, "inception_v3": 1e-3, "resnext50_32x4d": 1e-5,
