@@ -18,7 +18,8 @@ from tests.helpers import exported_mlir, rand
 @pytest.mark.parametrize("shape", [(2, 5, 3), (0, 4)])
 def test_values_pass_unchanged(dtype, shape):
     x = jnp.asarray(rand(shape) * 10).astype(dtype)
-    for fn in (ops.fusion_barrier, jax.jit(ops.fusion_barrier), jax.jit(jax.vmap(ops.fusion_barrier))):
+    for fn in (ops.fusion_barrier, jax.jit(ops.fusion_barrier), jax.jit(jax.vmap(ops.fusion_barrier)),
+               jax.jit(jax.vmap(ops.fusion_barrier, in_axes=-1, out_axes=-1))):
         y = fn(x)
         assert y.dtype == x.dtype and y.shape == x.shape
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
