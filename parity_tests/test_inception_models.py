@@ -206,7 +206,7 @@ def test_train_heads_and_bn_stats_match_torch(name):
 
 def test_googlenet_dropout_is_live_in_train_mode():
     """With drop_rate and aux dropout at their defaults, train-mode outputs depend on the
-    dropout RNG (and eval mode ignores it)."""
+    dropout RNG (and eval mode ignores it); each head's dropout sits before its last Linear."""
     tmodel = _torch_model("googlenet")
     jmodel = _jax_model("googlenet", tmodel.state_dict())
     aux = jmodel.aux1
@@ -217,6 +217,15 @@ def test_googlenet_dropout_is_live_in_train_mode():
     assert _max_err(a, b) > 1e-3
     aux.eval()
     np.testing.assert_array_equal(fwd(aux, feat), fwd(aux, feat))
+    # where the dropouts sit: before the last Linear of each head (as torchvision), so at rate 1
+    # each head returns that Linear's bias
+    jmodel.train()
+    for m in (jmodel.dropout, jmodel.aux1.dropout, jmodel.aux2.dropout):
+        m.rate = 1.0
+    outs = fwd(jmodel, jnp.asarray(rand((2, 64, 64, 3), seed=3)))
+    for head, fc in (("logits", jmodel.fc), ("aux1", jmodel.aux1.fc2), ("aux2", jmodel.aux2.fc2)):
+        np.testing.assert_array_equal(outs[head], np.broadcast_to(fc.bias[...], (2, fc.out_features)),
+                                      err_msg=head)
 
 
 # ------------------------------------------------------------------------- conversion checks
