@@ -149,3 +149,34 @@ def test_batchnorm_statistics_keep_their_dtype():
     flat = x.reshape(-1, 4)
     np.testing.assert_allclose(mean, 0.1 * flat.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(var, 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-6)
+
+
+# (id, bfloat16 layer, its call on an (8, 56, 56, C) input): each output has 25,088 or more
+# values per channel, so its bias gradient is a long sum
+BF16_BIAS_LAYERS = [
+    ("Conv2d", lambda: nn.Conv2d(4, 3, 3, padding=1, dtype=jnp.bfloat16, rngs=rngs()),
+     lambda m, x: m(x)),
+    ("ConvTranspose2d", lambda: nn.ConvTranspose2d(4, 3, 3, padding=1, dtype=jnp.bfloat16, rngs=rngs()),
+     lambda m, x: m(x)),
+    ("Linear", lambda: nn.Linear(4, 3, dtype=jnp.bfloat16, rngs=rngs()), lambda m, x: m(x)),
+    ("DeformConv2d", lambda: nn.DeformConv2d(4, 3, 3, padding=1, dtype=jnp.bfloat16, rngs=rngs()),
+     lambda m, x: m(x, jnp.full((*x.shape[:3], 18), 0.25, x.dtype))),
+]
+
+
+@pytest.mark.parametrize("factory, call", [b[1:] for b in BF16_BIAS_LAYERS],
+                         ids=[b[0] for b in BF16_BIAS_LAYERS])
+def test_bfloat16_bias_gradients_accumulate_in_float32(factory, call):
+    """A bfloat16 layer's float32 bias gets the float32 sum of the output's cotangent over
+    batch and space (y = ... + bias): here a sum of 25,088 bfloat16 values near 1 per channel,
+    which XLA's bfloat16 reduction stalls at 4,416. Oracle: the same sum in float64."""
+    m = factory()
+    x = jnp.asarray(rand((8, 56, 56, 4)), jnp.bfloat16)
+    g = jnp.asarray(1 + 0.5 * rand((8, 56, 56, 3), seed=1), jnp.bfloat16)
+    graphdef, params = nnx.split(m, nnx.Param)
+    grads = jax.jit(jax.grad(lambda p: jnp.vdot(
+        call(nnx.merge(graphdef, p), x).astype(jnp.float32), g.astype(jnp.float32))))(params)
+    got = grads["bias"][...]
+    assert got.dtype == jnp.float32 and m.bias[...].dtype == jnp.float32
+    want = np.asarray(g, np.float64).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -34,9 +34,8 @@ class _ConvBase(nnx.Module):
     def _params(self, x):
         kernel = self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
-        if self.dtype is not None:
+        if self.dtype is not None:   # the bias stays: ops add it in float32 (ops.conv.add_bias)
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-            bias = None if bias is None else bias.astype(self.dtype)
         return x, kernel, bias
 
 

@@ -66,9 +66,8 @@ class _DeformBase(nnx.Module):
     def _deform(self, x, offset, mask):
         kernel = self.kernel[...]
         bias = None if self.bias is None else self.bias[...]
-        if self.dtype is not None:
+        if self.dtype is not None:   # the bias stays: ops add it in float32 (ops.conv.add_bias)
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-            bias = None if bias is None else bias.astype(self.dtype)
         return deform_conv2d(x, offset, kernel, bias, stride=self.stride, padding=self.padding,
                              dilation=self.dilation, mask=mask,
                              chunk_elements=self.chunk_elements)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv.nn import init as initializers
+from jaxconv.ops.conv import add_bias
 
 
 class Linear(nnx.Module):
@@ -26,7 +27,7 @@ class Linear(nnx.Module):
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         y = x.astype(dtype) @ kernel.astype(dtype)
-        return y if self.bias is None else y + self.bias[...].astype(dtype)
+        return add_bias(y, None if self.bias is None else self.bias[...], self.out_features)
 
 
 class Dropout(nnx.Dropout):

@@ -47,7 +47,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from jaxconv.ops._args import check_rank, pair
-from jaxconv.ops.conv import conv2d
+from jaxconv.ops.conv import add_bias, conv2d
 
 __all__ = ["deform_conv2d", "DEFAULT_CHUNK_ELEMENTS", "deform_output_size"]
 
@@ -489,9 +489,7 @@ def deform_conv2d(x, offset, weight, bias=None, *, stride=1, padding=0, dilation
         out = jnp.zeros((0, geo.Ho, geo.Wo, geo.Cout), geo.out_dtype)  # gradients: zeros
     else:
         out = _deform(geo, x, offset, mask, weight)
-    if bias is not None:
-        out = out + bias.astype(out.dtype)
-    return out
+    return add_bias(out, bias, geo.Cout)
 
 
 def _deform_conv2d_autodiff(x, offset, weight, bias=None, *, stride=1, padding=0, dilation=1,
@@ -503,6 +501,4 @@ def _deform_conv2d_autodiff(x, offset, weight, bias=None, *, stride=1, padding=0
                                      for a in (x, offset, weight, bias, mask))
     geo = _geometry(x, offset, weight, bias, stride, padding, dilation, mask, chunk_elements)
     out = _forward(geo, x, offset, mask, weight)
-    if bias is not None:
-        out = out + bias.astype(out.dtype)
-    return out
+    return add_bias(out, bias, geo.Cout)
