@@ -120,6 +120,21 @@ def test_a_port_far_from_a_vanished_reference_fails():
     assert report.first_failure == "0" and not report.passed
 
 
+def test_a_port_without_a_parameter_torch_has_fails_its_gradient():
+    """With load_weights=False nothing checks the parameters match: a port with no bias (here
+    where torch's is zero, so the outputs agree) fails the bias's gradient row."""
+    tmod = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    jmod = nn.Sequential(nn.Linear(4, 3, bias=False, rngs=_rngs()))
+    with torch.no_grad():
+        tmod[0].weight.copy_(torch.from_numpy(np.asarray(jmod[0].kernel[...]).T.copy()))
+        tmod[0].bias.zero_()
+    report = compare(tmod, jmod, rand((3, 4)), load_weights=False, grads=True)
+    assert [r.status for r in report.outputs] == ["pass"], str(report)
+    assert {r.path: r.status for r in report.grads} == {
+        "0.weight": "pass", "0.bias (not a parameter of the port)": "FAIL"}, str(report)
+    assert not report.passed
+
+
 def test_a_port_that_leaves_out_an_output_fails():
     """torch returns (logits, aux); a port returning the logits alone fails, however close."""
     from flax import nnx

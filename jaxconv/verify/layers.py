@@ -381,5 +381,8 @@ def _grad_rows(tmod, jmod, tin, jin, torch_module, train, atol, float64, seed):
     holder = nnx.clone(jmod)
     nnx.update(holder, g)
     jg = to_torch(holder)
+    # a parameter torch has and the port lacks (possible with load_weights=False) fails
     return [_row(k, "gradient", jg[k], v, None if tg64 is None else tg64[k], atol, float64)
-            for k, v in tg.items() if k in jg]
+            if k in jg else Row(f"{k} (not a parameter of the port)", "gradient", tuple(v.shape),
+                                float("nan"), float("nan"), 0.0, "FAIL")
+            for k, v in tg.items()]
