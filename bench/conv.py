@@ -390,15 +390,15 @@ def bench_bn_fold(args):
 
         def compiled(identity_bn, identity_relu):
             """The model's inference traced now with BatchNorm / ReLU patched to the identity."""
-            bn_call, relu = BatchNorm2d.__call__, jax.nn.relu
+            bn_call, relu, relu6 = BatchNorm2d.__call__, jax.nn.relu, jax.nn.relu6
             if identity_bn:
                 BatchNorm2d.__call__ = lambda self, x: x
-            if identity_relu:
-                jax.nn.relu = lambda x: x
+            if identity_relu:   # the models call jax.nn.relu (MobileNet-v1: relu6)
+                jax.nn.relu = jax.nn.relu6 = lambda x: x
             try:
                 return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
             finally:
-                BatchNorm2d.__call__, jax.nn.relu = bn_call, relu
+                BatchNorm2d.__call__, jax.nn.relu, jax.nn.relu6 = bn_call, relu, relu6
 
         fns = {k: compiled(*k) for k in ((False, False), (True, False), (True, True))}
         res = _interleaved({k: (lambda c=c: jax.block_until_ready(c(state, x)))

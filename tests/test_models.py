@@ -274,11 +274,15 @@ def test_keys_shapes_and_param_count_match_fixture(name):
 ALIASES = aliases()
 
 
+def test_aliases_are_timm_and_torchvision_names():
+    assert ALIASES == {"resnext50": "resnext50_32x4d", "resnext152": "resnext152_32x4d",
+                       "legacy_xception": "xception", "mobilenetv1_100": "mobilenet_v1"}
+
+
+
 @pytest.mark.parametrize("alias", [pytest.param(a, marks=[pytest.mark.slow] if ALIASES[a] in BIG
                                                 else []) for a in sorted(ALIASES)])
 def test_aliases_build_their_canonical_model(alias):
-    assert ALIASES == {"resnext50": "resnext50_32x4d", "resnext152": "resnext152_32x4d",
-                       "legacy_xception": "xception", "mobilenetv1_100": "mobilenet_v1"}
     a, c = abstract_model(alias), abstract_model(ALIASES[alias])
     assert type(a) is type(c)
     assert set(torch_items(a)) == set(torch_items(c))

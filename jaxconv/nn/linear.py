@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxconv.nn import init as initializers
+from jaxconv.ops._args import accumulation
 from jaxconv.ops.conv import add_bias
 
 
@@ -26,7 +27,8 @@ class Linear(nnx.Module):
                              f"got shape {tuple(x.shape)}")
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
-        y = x.astype(dtype) @ kernel.astype(dtype)
+        y = jnp.matmul(x.astype(dtype), kernel.astype(dtype),
+                       preferred_element_type=accumulation(dtype)).astype(dtype)
         return add_bias(y, None if self.bias is None else self.bias[...], self.out_features)
 
 

@@ -1,8 +1,11 @@
-"""Argument checks shared by the ops: torch-style ints or pairs, errors that name the argument."""
+"""Argument checks shared by the ops (torch-style ints or pairs, errors that name the argument)
+and the accumulation dtype rule."""
 from __future__ import annotations
 
 import numbers
 from typing import Sequence
+
+import jax.numpy as jnp
 
 
 def pair(value: int | Sequence[int], name: str, *, minimum: int | None = None) -> tuple[int, int]:
@@ -23,3 +26,9 @@ def check_rank(x, rank: int, name: str, layout: str) -> None:
     """Raise unless `x` has `rank` dimensions (`layout` names them, e.g. 'NHWC')."""
     if x.ndim != rank:
         raise ValueError(f"{name}: expected a rank-{rank} array ({layout}), got shape {tuple(x.shape)}")
+
+
+def accumulation(dtype):
+    """The dtype 16-bit floats accumulate in (float32, as cuDNN and torch autocast do); None
+    for wider types (their own)."""
+    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None

@@ -12,7 +12,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from jaxconv.ops import lowering
-from jaxconv.ops._args import check_rank, pair
+from jaxconv.ops._args import accumulation, check_rank, pair
 from jaxconv.ops.cpu_conv import Geometry
 
 Pad = tuple[tuple[int, int], tuple[int, int]]
@@ -70,21 +70,17 @@ def _check_output_size(in_hw: Sequence[int], out_hw: Sequence[int], what: str) -
                          f"{tuple(in_hw)}; the kernel is larger than the padded input")
 
 
-def _accumulation(dtype):
-    """Low-precision inputs accumulate in float32 (what cuDNN and torch autocast do)."""
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
-
 
 def add_bias(y, bias, channels: int):
-    """`y` + `bias` (`channels` values) over the last axis, computed in float32 at least and
-    rounded once to y's dtype. For 16-bit `y` the bias gradient, a sum over every other axis,
-    then accumulates in float32: XLA sums a bfloat16 cotangent in bfloat16, where a sum of
-    25,088 values near 1 stalls at 4,416 (tests: test_layers.py, bias gradients)."""
+    """`y` + `bias` (`channels` values) over the last axis, in y's dtype. A 16-bit `y` gets the
+    bias added in float32, so that the bias gradient, a sum over every other axis, accumulates
+    in float32: XLA sums a bfloat16 cotangent in bfloat16, where a sum of 25,088 values near 1
+    stalls at 4,416 (parity_tests/test_layers.py, bias gradients)."""
     if bias is None:
         return y
     if bias.shape != (channels,):
         raise ValueError(f"bias: expected shape ({channels},), got {tuple(bias.shape)}")
-    acc = jnp.promote_types(y.dtype, jnp.float32)
+    acc = accumulation(y.dtype) or y.dtype
     return (y.astype(acc) + bias.astype(acc)).astype(y.dtype)
 
 
@@ -121,7 +117,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     # the backend-aware lowering of ops/lowering.py (lax's convolution on GPU / TPU)
     y = lowering.conv(x.astype(dtype), weight.astype(dtype),
                       Geometry((kh, kw), stride, tuple(pads), dilation, groups),
-                      preferred_element_type=_accumulation(dtype), rounded=True)
+                      preferred_element_type=accumulation(dtype), rounded=True)
     return add_bias(y.astype(dtype), bias, cout)
 
 

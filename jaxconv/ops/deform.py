@@ -46,7 +46,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxconv.ops._args import check_rank, pair
+from jaxconv.ops._args import accumulation, check_rank, pair
 from jaxconv.ops.conv import add_bias, conv2d
 
 __all__ = ["deform_conv2d", "DEFAULT_CHUNK_ELEMENTS", "deform_output_size"]
@@ -172,15 +172,12 @@ def _channel_dot(a, b):
     return jnp.einsum("pkgc,pkgc->pkg", a, b)
 
 
-def _accumulation(dtype):
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
-
 
 def _contract(geo: _Geo, cols, wmat):
     """cols (P, K, G, C/G) x kernel (K, C_in/groups, groups, C_out/groups) -> (P, C_out)."""
     P = cols.shape[0]
     cols = cols.astype(wmat.dtype)
-    acc = _accumulation(wmat.dtype)
+    acc = accumulation(wmat.dtype)
     if geo.groups == 1:
         return jnp.dot(cols.reshape(P, -1), wmat.reshape(-1, geo.Cout), preferred_element_type=acc)
     # A grouped conv of the columns as one (P, K) image with a 1 x K kernel: jaxconv's conv

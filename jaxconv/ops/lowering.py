@@ -30,6 +30,7 @@ from jax import lax
 
 from jaxconv import config
 from jaxconv.ops import native
+from jaxconv.ops._args import accumulation
 from jaxconv.ops.cpu_conv import DIMS, Geometry, bind
 
 EXPORT_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(t) for t in native.TARGETS]
@@ -95,13 +96,13 @@ def conv_transpose(x, w, geo: Geometry, out_hw, *, lowering: str | None = None):
         y = jax.ShapeDtypeStruct((x.shape[0], *out_hw, w.shape[2] * geo.groups), x.dtype)
         return jax.linear_transpose(lambda y: lax.conv_general_dilated(
             y, w, geo.stride, geo.pads, None, geo.dilation, DIMS,
-            feature_group_count=geo.groups, preferred_element_type=_accumulation(x.dtype)
+            feature_group_count=geo.groups, preferred_element_type=accumulation(x.dtype)
         ).astype(x.dtype), y)(x)[0]
 
     ct = _compute_dtype(x.dtype, name)
     if name == "xla" or ct is None or jax.default_backend() != "cpu":
         return native_tconv(x, w)
-    if ct == x.dtype and _accumulation(x.dtype) is None:   # conv_p is lax's convolution off CPU
+    if ct == x.dtype and accumulation(x.dtype) is None:   # conv_p is lax's convolution off CPU
         return bind("bwd_data", x, w, geo, in_hw=out_hw, lowering=name, precision=_precision(None))
 
     def cpu(x, w):
@@ -115,9 +116,6 @@ def _precision(precision):
     reads when a conv is traced: conv_p is lowered later, maybe outside that context."""
     return jax.config.jax_default_matmul_precision if precision is None else precision
 
-
-def _accumulation(dtype):
-    return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
