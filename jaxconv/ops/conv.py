@@ -70,7 +70,6 @@ def _check_output_size(in_hw: Sequence[int], out_hw: Sequence[int], what: str) -
                          f"{tuple(in_hw)}; the kernel is larger than the padded input")
 
 
-
 def add_bias(y, bias, channels: int):
     """`y` + `bias` (`channels` values) over the last axis, in y's dtype. A 16-bit `y` gets the
     bias added in float32, so that the bias gradient, a sum over every other axis, accumulates

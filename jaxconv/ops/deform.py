@@ -172,7 +172,6 @@ def _channel_dot(a, b):
     return jnp.einsum("pkgc,pkgc->pkg", a, b)
 
 
-
 def _contract(geo: _Geo, cols, wmat):
     """cols (P, K, G, C/G) x kernel (K, C_in/groups, groups, C_out/groups) -> (P, C_out)."""
     P = cols.shape[0]

@@ -117,7 +117,6 @@ def _precision(precision):
     return jax.config.jax_default_matmul_precision if precision is None else precision
 
 
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None,

@@ -212,10 +212,15 @@ def _row(path, kind, ours, ref, ref64, atol, float64) -> Row:
     return Row(path, kind, tuple(ours.shape), err, err / max(scale, 1e-300), bound, status)
 
 
+def _unpaired(path, kind, shape, status: str) -> Row:
+    """A failed row for something with nothing to compare it to on the other side."""
+    return Row(path, kind, shape, float("nan"), float("nan"), 0.0, status)
+
+
 def _count_mismatch(path, kind, n_torch: int, n_port: int) -> Row:
-    """A failed row: the port returns another number of arrays than torch (a head left out)."""
-    return Row(f"{path} ({n_torch} arrays in torch, {n_port} in the port)", kind, (n_port,),
-               float("nan"), float("nan"), 0.0, "shape mismatch")
+    """The port returns another number of arrays than torch (a head left out)."""
+    return _unpaired(f"{path} ({n_torch} arrays in torch, {n_port} in the port)", kind, (n_port,),
+                     "shape mismatch")
 
 
 def _inputs(inputs, dtype):
@@ -383,6 +388,6 @@ def _grad_rows(tmod, jmod, tin, jin, torch_module, train, atol, float64, seed):
     jg = to_torch(holder)
     # a parameter torch has and the port lacks (possible with load_weights=False) fails
     return [_row(k, "gradient", jg[k], v, None if tg64 is None else tg64[k], atol, float64)
-            if k in jg else Row(f"{k} (not a parameter of the port)", "gradient", tuple(v.shape),
-                                float("nan"), float("nan"), 0.0, "FAIL")
+            if k in jg else _unpaired(f"{k} (not a parameter of the port)", "gradient",
+                                      tuple(v.shape), "FAIL")
             for k, v in tg.items()]
